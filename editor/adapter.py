@@ -1,0 +1,194 @@
+"""A codebook adapter that wraps one linear layer of the text decoder.
+
+How an edit acts on a sequence (the multi-token mechanism):
+  * The key of a sequence is the wrapped layer's input at that sequence's own last prompt token.
+  * At that position the codebook is searched once; the entry that fires (nearest key whose ball
+    contains the query) stays attached to the sequence for the rest of the call.
+  * The entry's values are a short sequence: value[0] replaces the layer's output at the last
+    prompt token (it predicts the first answer token), value[j] replaces the output at answer
+    position j (it predicts token j+1), and the last value leads to the end-of-sequence token.
+    Beyond the answer the layer runs unchanged.
+This works for teacher-forced passes (all positions in one call) and for cached greedy
+generation (the prompt in the first call, then one token per call), because the adapter tracks
+positions within a `scope`, opened by the caller around one batch of sequences.
+
+The base layer is never modified: uninstalling puts the same module object back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from editor.codebook import Codebook
+from editor.errors import EditorError, UnsupportedBackboneError
+
+Mode = Literal["lookup", "off", "forced"]
+
+
+def layer_sizes(layer: nn.Module) -> tuple[int, int]:
+    """(input size, output size) of an nn.Linear or a GPT-2 style Conv1D (weight stored (in, out))."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        weight = layer.weight
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise UnsupportedBackboneError(
+        f"the edited layer must be nn.Linear or Conv1D, got {type(layer).__name__}; "
+        "choose an MLP output projection of the text decoder"
+    )
+
+
+@dataclass
+class Scope:
+    """Per-call state of one batch of sequences; lives only inside `CodebookAdapter.scope`."""
+
+    key_positions: torch.Tensor  # (B,) index of each row's last prompt token
+    mode: Mode
+    forced_values: torch.Tensor | None = None  # (L, Dout) used for every row in "forced" mode
+    record_steps: int = 0  # in "off" mode, record the base output at this many steps from the key
+    offset: int = 0  # positions already seen (cached generation)
+    fired: torch.Tensor = field(init=False)  # (B,) entry index per row, -1 when none
+    fired_distance: torch.Tensor = field(init=False)  # (B,)
+    keys: torch.Tensor | None = None  # (B, Din) recorded at the key positions
+    recorded_outputs: torch.Tensor | None = None  # (B, record_steps, Dout)
+
+    def __post_init__(self) -> None:
+        b = self.key_positions.shape[0]
+        self.fired = torch.full((b,), -1, dtype=torch.long)
+        self.fired_distance = torch.full((b,), float("inf"))
+
+
+class CodebookAdapter(nn.Module):
+    def __init__(self, base_layer: nn.Module, codebook: Codebook) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.codebook = codebook
+        self.input_size, self.output_size = layer_sizes(base_layer)
+        self._scope: Scope | None = None
+
+    @contextmanager
+    def scope(
+        self,
+        key_positions: torch.Tensor,
+        mode: Mode = "lookup",
+        forced_values: torch.Tensor | None = None,
+        record_steps: int = 0,
+    ) -> Iterator[Scope]:
+        if self._scope is not None:
+            raise EditorError("codebook adapter scopes cannot be nested")
+        if mode == "forced" and forced_values is None:
+            raise EditorError("forced mode needs forced_values")
+        state = Scope(key_positions.detach().cpu().long(), mode, forced_values, record_steps)
+        self._scope = state
+        try:
+            yield state
+        finally:
+            self._scope = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        state = self._scope
+        if state is None:
+            raise EditorError(
+                "the edited model was called outside an editor scope; use Editor.answer / "
+                "Editor.generate (or Backbone helpers) so each sequence's prompt end is known"
+            )
+        batch = state.key_positions.shape[0]
+        flat = x.dim() == 2  # OPT flattens (B, T, D) to (B*T, D) inside its MLP
+        if flat:
+            if x.shape[0] % batch:
+                raise EditorError(f"cannot split {x.shape[0]} flattened rows into batch {batch}")
+            x3 = x.view(batch, -1, x.shape[-1])  # (B, T, Din)
+            y3 = y.view(batch, -1, y.shape[-1])  # (B, T, Dout)
+        else:
+            x3, y3 = x, y
+        length = x3.shape[1]
+        start = state.offset if (length == 1 and state.offset > 0) else 0
+        state.offset = start + length
+
+        rows_with_key = [
+            b for b in range(batch) if start <= int(state.key_positions[b]) < start + length
+        ]
+        if rows_with_key:
+            self._visit_keys(state, x3, y3, rows_with_key, start)
+        if state.mode == "off":
+            return y
+        out = self._replace(state, y3, start)
+        return out.reshape(y.shape) if flat else out
+
+    def _visit_keys(
+        self, state: Scope, x3: torch.Tensor, y3: torch.Tensor, rows: list[int], start: int
+    ) -> None:
+        index = torch.tensor(rows)
+        local = state.key_positions[index] - start  # (R,)
+        queries = x3[index.to(x3.device), local.to(x3.device)].detach().float()  # (R, Din)
+        if state.keys is None:
+            state.keys = torch.zeros(state.key_positions.shape[0], self.input_size)
+        state.keys[index] = queries.cpu()
+        if state.mode == "lookup":
+            fired, distance = self.codebook.lookup(queries)
+            state.fired[index] = fired
+            state.fired_distance[index] = distance
+        elif state.mode == "forced":
+            state.fired[index] = 0
+        if state.record_steps:
+            if state.recorded_outputs is None:
+                state.recorded_outputs = torch.zeros(
+                    state.key_positions.shape[0], state.record_steps, self.output_size
+                )
+            for row, pos in zip(rows, local.tolist()):
+                steps = y3[row, pos : pos + state.record_steps].detach().float().cpu()
+                state.recorded_outputs[row, : steps.shape[0]] = steps
+
+    def _replace(self, state: Scope, y3: torch.Tensor, start: int) -> torch.Tensor:
+        active = (state.fired >= 0).nonzero().flatten().tolist()
+        if not active:
+            return y3
+        out = y3.clone()
+        length = y3.shape[1]
+        for row in active:
+            if state.mode == "forced":
+                assert state.forced_values is not None
+                values = state.forced_values
+            else:
+                values = self.codebook.entries[int(state.fired[row])].values
+            first_step = start - int(state.key_positions[row])  # answer step of position `start`
+            lo = max(0, -first_step)  # first local position at or after the key
+            hi = min(length, values.shape[0] - first_step)  # past the last step with a value
+            if lo >= hi:
+                continue
+            steps = values[first_step + lo : first_step + hi]  # (hi - lo, Dout)
+            out[row, lo:hi] = steps.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+def install(model: nn.Module, layer_path: str, codebook: Codebook) -> CodebookAdapter:
+    """Swap the layer at `layer_path` for a `CodebookAdapter` wrapping it."""
+    try:
+        layer = model.get_submodule(layer_path)
+    except AttributeError as exc:
+        raise UnsupportedBackboneError(f"model has no layer {layer_path!r}") from exc
+    if isinstance(layer, CodebookAdapter):
+        raise EditorError(f"layer {layer_path!r} already carries a codebook adapter")
+    adapter = CodebookAdapter(layer, codebook)
+    parent_path, _, name = layer_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, adapter)
+    return adapter
+
+
+def uninstall(model: nn.Module, layer_path: str) -> nn.Module:
+    """Put the original layer back and return it (bit-identical: it was never touched)."""
+    adapter = model.get_submodule(layer_path)
+    if not isinstance(adapter, CodebookAdapter):
+        raise EditorError(f"layer {layer_path!r} carries no codebook adapter")
+    parent_path, _, name = layer_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, adapter.base_layer)
+    return adapter.base_layer

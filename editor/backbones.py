@@ -1,0 +1,433 @@
+"""One explicit description per model family: how to build inputs and where the layers are.
+
+Supported: LLaVA (`LlavaForConditionalGeneration`, Llama / Qwen2 / Mistral text model), BLIP-2
+(`Blip2ForConditionalGeneration`, OPT text model) and text-only causal LMs (GPT-2, Llama, Qwen2,
+Mistral, OPT) for facts without an image.
+
+A model directory may carry `kb_backbone.json` (family, prompt template, answer prefix, default
+edited layer); otherwise the family's defaults below apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from editor.errors import EditorError, InvalidFactError, UnsupportedBackboneError
+from editor.fact import ImageInput
+
+BACKBONE_FILE = "kb_backbone.json"
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where things are in one architecture family (live module paths, transformers 5.x)."""
+
+    name: str
+    decoder_layers: str  # the nn.ModuleList of decoder layers
+    head: tuple[str, ...]  # modules after the decoder stack, applied in order (absent ones skipped)
+    mlp_output: str  # the MLP output projection inside one decoder layer
+    needs_image: bool
+    passes_position_ids: bool  # False where the model derives positions from the attention mask
+    prompt_template: str
+    answer_prefix: str
+
+
+LLAVA = FamilySpec(
+    "llava", "model.language_model.layers", ("model.language_model.norm", "lm_head"),
+    "mlp.down_proj", True, True, "USER: <image>\n{question} ASSISTANT:", " ",
+)
+BLIP2 = FamilySpec(
+    "blip2", "language_model.model.decoder.layers",
+    ("language_model.model.decoder.final_layer_norm", "language_model.model.decoder.project_out",
+     "language_model.lm_head"),
+    "fc2", True, False, "Question: {question} Answer:", " ",
+)
+GPT2 = FamilySpec(
+    "gpt2", "transformer.h", ("transformer.ln_f", "lm_head"), "mlp.c_proj", False, True,
+    "Q: {question}\nA:", " ",
+)
+LLAMA_LM = FamilySpec(
+    "llama", "model.layers", ("model.norm", "lm_head"), "mlp.down_proj", False, True,
+    "Q: {question}\nA:", " ",
+)
+OPT_LM = FamilySpec(
+    "opt", "model.decoder.layers",
+    ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    "fc2", False, False, "Q: {question}\nA:", " ",
+)
+FAMILIES = {f.name: f for f in (LLAVA, BLIP2, GPT2, LLAMA_LM, OPT_LM)}
+_CAUSAL_BY_MODEL_TYPE = {"gpt2": GPT2, "llama": LLAMA_LM, "qwen2": LLAMA_LM, "mistral": LLAMA_LM,
+                         "opt": OPT_LM}
+_LLAVA_TEXT_TYPES = {"llama", "qwen2", "mistral"}
+
+
+def detect_family(model: nn.Module) -> FamilySpec:
+    kind = type(model).__name__
+    config = getattr(model, "config", None)
+    if kind == "LlavaForConditionalGeneration":
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        if text_type not in _LLAVA_TEXT_TYPES:
+            raise UnsupportedBackboneError(
+                f"LLaVA with a {text_type!r} text model is not supported; supported: "
+                f"{', '.join(sorted(_LLAVA_TEXT_TYPES))}"
+            )
+        return LLAVA
+    if kind == "Blip2ForConditionalGeneration":
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        if text_type != "opt":
+            raise UnsupportedBackboneError(f"BLIP-2 with a {text_type!r} text model is not supported; use OPT")
+        return BLIP2
+    model_type = getattr(config, "model_type", None)
+    if kind.endswith("ForCausalLM") or kind == "GPT2LMHeadModel":
+        spec = _CAUSAL_BY_MODEL_TYPE.get(model_type or "")
+        if spec is not None:
+            return spec
+    raise UnsupportedBackboneError(
+        f"{kind} (model_type {model_type!r}) is not supported; supported: LlavaForConditionalGeneration, "
+        "Blip2ForConditionalGeneration, and causal LMs of type " + ", ".join(sorted(_CAUSAL_BY_MODEL_TYPE))
+    )
+
+
+@dataclass(frozen=True)
+class Query:
+    """One model input: an optional image and a question."""
+
+    image: Image.Image | None
+    question: str
+
+
+@dataclass
+class Batch:
+    """Left-padded inputs. With answers, each row is prompt + answer tokens + end of sequence."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    pixel_values: torch.Tensor | None  # (B, C, H, W)
+    key_positions: torch.Tensor  # (B,) last prompt token of each row
+    targets: torch.Tensor | None = None  # (B, L) answer ids + eos, predicted at key + 0..L-1
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Open and validate an image (size, format, pixel count) and return it as RGB."""
+    if isinstance(image, Image.Image):
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise InvalidFactError(f"image of {image.width}x{image.height} pixels exceeds the limit")
+        return image.convert("RGB")
+    if image is None:
+        raise InvalidFactError("an image is required for this model")
+    path = Path(image)
+    if not path.is_file():
+        raise InvalidFactError(f"image {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise InvalidFactError(f"image {str(path)!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    try:
+        with Image.open(path) as opened:
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                raise InvalidFactError(
+                    f"image {str(path)!r} has {opened.width}x{opened.height} pixels; "
+                    f"the limit is {MAX_IMAGE_PIXELS:,}"
+                )
+            opened.load()
+            return opened.convert("RGB")
+    except InvalidFactError:
+        raise
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
+        raise InvalidFactError(f"image {str(path)!r} cannot be read: {exc}") from exc
+
+
+def image_bytes(image: Image.Image | None) -> bytes | None:
+    """Canonical bytes of an image (mode, size, raw pixels) for fingerprints."""
+    if image is None:
+        return None
+    buffer = io.BytesIO()
+    buffer.write(f"{image.mode}:{image.width}x{image.height}:".encode())
+    buffer.write(image.tobytes())
+    return buffer.getvalue()
+
+
+class Backbone:
+    """A frozen model plus what it takes to feed it (Query, answer) pairs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        *,
+        family: FamilySpec | None = None,
+        prompt_template: str | None = None,
+        answer_prefix: str | None = None,
+        edit_layer: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.family = family or detect_family(model)
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.prompt_template = prompt_template if prompt_template is not None else self.family.prompt_template
+        self.answer_prefix = answer_prefix if answer_prefix is not None else self.family.answer_prefix
+        self.name = name or getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        if "{question}" not in self.prompt_template:
+            raise UnsupportedBackboneError(f"prompt template {self.prompt_template!r} lacks '{{question}}'")
+        self.eos_token_id = self._eos_token_id()
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.eos_token_id
+        self.default_layer = edit_layer or self._default_layer()
+        self._model_id: str | None = None
+
+    # ----- structure ------------------------------------------------------------------------
+    def _eos_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise UnsupportedBackboneError("the tokenizer has no end-of-sequence token")
+        return int(eos)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.family.decoder_layers)  # type: ignore[return-value]
+
+    def _default_layer(self) -> str:
+        last = len(self.decoder_layers) - 1
+        return f"{self.family.decoder_layers}.{last}.{self.family.mlp_output}"
+
+    def decoder_index(self, layer_path: str) -> int:
+        """Index of the decoder layer that contains `layer_path`."""
+        prefix = self.family.decoder_layers + "."
+        if layer_path.startswith(prefix):
+            index = layer_path[len(prefix):].split(".", 1)[0]
+            if index.isdigit() and int(index) < len(self.decoder_layers):
+                return int(index)
+        raise UnsupportedBackboneError(
+            f"layer {layer_path!r} is not inside the text decoder ({prefix}<i>...); edit a linear layer "
+            f"of a decoder layer, e.g. {self.default_layer!r}"
+        )
+
+    def head_modules(self) -> list[nn.Module]:
+        modules = []
+        for path in self.family.head:
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if module is not None:
+                modules.append(module)
+        return modules
+
+    @property
+    def model_id(self) -> str:
+        """Fingerprint of the base model: family, config and the default edited layer's weights."""
+        if self._model_id is None:
+            digest = hashlib.sha256(self.family.name.encode())
+            config = getattr(self.model, "config", None)
+            if config is not None:
+                digest.update(config.to_json_string(use_diff=False).encode())
+            for _, tensor in sorted(self.decoder_layers[-1].state_dict().items()):
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            self._model_id = digest.hexdigest()[:32]
+        return self._model_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----- inputs ---------------------------------------------------------------------------
+    def query(self, image: ImageInput, question: str) -> Query:
+        if self.family.needs_image:
+            return Query(load_image(image), question)
+        if image is not None:
+            raise InvalidFactError(f"{self.name} is a text-only model; give no image")
+        return Query(None, question)
+
+    def _encode_prompt(self, item: Query) -> tuple[list[int], torch.Tensor | None]:
+        text = self.prompt_template.format(question=item.question)
+        if not self.family.needs_image:
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            return list(ids), None
+        if item.image is None:
+            raise InvalidFactError(f"{self.name} needs an image with every question")
+        if self.family is BLIP2:
+            # Built here rather than by Blip2Processor, whose text path breaks on tokenizers that
+            # carry `image_token` as a string (transformers 5.x): the query tokens go first.
+            pixels = self.processor.image_processor(images=[item.image], return_tensors="pt")["pixel_values"]
+            config = self.model.config
+            text_ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = torch.tensor([self._image_token_id()] * int(config.num_query_tokens) + list(text_ids))
+        else:
+            encoded = self.processor(text=[text], images=[item.image], return_tensors="pt")
+            ids, pixels = encoded["input_ids"][0], encoded["pixel_values"]
+        self._check_image_tokens(ids)
+        return ids.tolist(), pixels[0]
+
+    def _image_token_id(self) -> int:
+        config = self.model.config
+        token = getattr(config, "image_token_id", None)
+        if token is None:
+            token = getattr(config, "image_token_index", None)
+        if token is None:
+            raise UnsupportedBackboneError(f"{self.name} config names no image token id")
+        return int(token)
+
+    def _check_image_tokens(self, ids: torch.Tensor) -> None:
+        found = int((ids == self._image_token_id()).sum())
+        if self.family is BLIP2:
+            expected = int(self.model.config.num_query_tokens)
+            if found != expected:
+                # transformers 5 ignores the image silently otherwise.
+                raise UnsupportedBackboneError(
+                    f"BLIP-2 prompt holds {found} image tokens, the model needs {expected} "
+                    "(config.num_query_tokens)"
+                )
+        elif found == 0:
+            raise UnsupportedBackboneError(
+                f"prompt template {self.prompt_template!r} puts no image token in the prompt"
+            )
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        return list(ids) + [self.eos_token_id]
+
+    def encode(self, items: Sequence[Query], answers: Sequence[str] | None = None) -> Batch:
+        """Left-pad prompts (and answers, when given) into one batch."""
+        rows: list[list[int]] = []
+        prompt_lengths: list[int] = []
+        targets: list[list[int]] = []
+        pixels: list[torch.Tensor] = []
+        for i, item in enumerate(items):
+            ids, pixel_values = self._encode_prompt(item)
+            prompt_lengths.append(len(ids))
+            if answers is not None:
+                target = self.answer_ids(answers[i])
+                targets.append(target)
+                ids = ids + target[:-1]  # the eos is predicted, never fed
+            rows.append(ids)
+            if pixel_values is not None:
+                pixels.append(pixel_values)
+        if answers is not None and len({len(t) for t in targets}) > 1:
+            raise EditorError("answers in one batch must have the same token length")
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        key_positions = torch.zeros(len(rows), dtype=torch.long)
+        for b, ids in enumerate(rows):
+            pad = width - len(ids)
+            input_ids[b, pad:] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, pad:] = 1
+            key_positions[b] = pad + prompt_lengths[b] - 1
+        return Batch(
+            input_ids, attention_mask, torch.stack(pixels) if pixels else None, key_positions,
+            torch.tensor(targets, dtype=torch.long) if answers is not None else None,
+        )
+
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        device = self.device
+        inputs = {
+            "input_ids": batch.input_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device),
+        }
+        if batch.pixel_values is not None:
+            dtype = next(self.model.parameters()).dtype
+            inputs["pixel_values"] = batch.pixel_values.to(device=device, dtype=dtype)
+        if self.family.passes_position_ids:
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
+            inputs["position_ids"] = positions.to(device)
+        return inputs
+
+    def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuation of each prompt (call inside an adapter scope when edited)."""
+        inputs = self.model_inputs(batch)
+        inputs.pop("position_ids", None)  # generate derives them from the attention mask
+        output = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
+        )
+        new_tokens = output[:, batch.input_ids.shape[1]:].tolist()
+        result = []
+        for row in new_tokens:
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id)]
+            result.append(row)
+        return result
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+
+
+def load_backbone(
+    path_or_model: str | os.PathLike[str] | nn.Module,
+    processor: Any = None,
+    *,
+    prompt_template: str | None = None,
+    answer_prefix: str | None = None,
+    edit_layer: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Backbone:
+    """A `Backbone` from "demo", a local model directory, or a model object plus its processor.
+
+    Nothing is downloaded: directories must hold the weights, config and processor/tokenizer.
+    """
+    if isinstance(path_or_model, nn.Module):
+        if processor is None:
+            raise EditorError("a model object needs its processor (or tokenizer for a text model)")
+        return Backbone(path_or_model, processor, prompt_template=prompt_template,
+                        answer_prefix=answer_prefix, edit_layer=edit_layer)
+    if str(path_or_model) == "demo":
+        from editor.demo import DEMO_MODEL_DIR
+
+        path = DEMO_MODEL_DIR
+    else:
+        path = Path(path_or_model)
+    if not (path / "config.json").is_file():
+        raise EditorError(f"{str(path)!r} is not a model directory (no config.json)")
+    settings: dict[str, Any] = {}
+    if (path / BACKBONE_FILE).is_file():
+        settings = json.loads((path / BACKBONE_FILE).read_text())
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if config.model_type == "llava":
+        model = transformers.LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    elif config.model_type == "blip-2":
+        model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    family = detect_family(model)
+    if processor is None:
+        if family.needs_image:
+            processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        else:
+            processor = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    backbone = Backbone(
+        model, processor, family=family,
+        prompt_template=prompt_template or settings.get("prompt_template"),
+        answer_prefix=answer_prefix if answer_prefix is not None else settings.get("answer_prefix"),
+        edit_layer=edit_layer or settings.get("edit_layer"),
+        name=str(path),
+    )
+    return backbone

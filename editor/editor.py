@@ -1,0 +1,280 @@
+"""`Editor`: apply, retract and query facts on one backbone through a codebook adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from editor.adapter import CodebookAdapter, Mode, install, layer_sizes, uninstall
+from editor.backbones import Backbone, Query, image_bytes
+from editor.codebook import Codebook, CodebookSpec, Entry
+from editor.config import EditConfig
+from editor.errors import EditorError, InvalidFactError
+from editor.fact import EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
+from editor.radius import choose_radius, pairwise_distances
+from editor.samples import Paraphraser, ReferenceItem, TemplateParaphraser, black_image, distinct_questions
+from editor.training import capture, train_value
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_BATCH = 32
+MAX_SAME_IMAGE_QUESTIONS = 64
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer and the fact whose entry fired for it (None when none did)."""
+
+    text: str
+    fact_id: str | None
+    distance: float | None
+
+
+@dataclass
+class _PoolIndex:
+    keys: torch.Tensor  # (P, Din)
+    answers: list[str]  # unedited model's normalised answers
+
+
+class Editor:
+    """Applies facts to a frozen backbone as codebook entries on one linear layer.
+
+    The adapter is installed on construction and removed by `close()` (or leaving a `with`
+    block); the base weights are never modified.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: str = "balancedit",
+        *,
+        layer: str | None = None,
+        paraphraser: Paraphraser | None = None,
+        reference_pool: Iterable[ReferenceItem] | None = None,
+        codebook: Codebook | None = None,
+        **hparams: Any,
+    ) -> None:
+        self.backbone = backbone
+        self.config = EditConfig.from_dict({"method": method, **hparams})
+        self.layer = layer or backbone.default_layer
+        self._first_decoder = backbone.decoder_index(self.layer)
+        try:
+            base = backbone.model.get_submodule(self.layer)
+        except AttributeError as exc:
+            raise EditorError(f"model has no layer {self.layer!r}") from exc
+        input_size, output_size = layer_sizes(base)
+        self.spec = CodebookSpec(backbone.model_id, self.layer, input_size, output_size,
+                                 self.config.distance)
+        if codebook is None:
+            codebook = Codebook(self.spec, self.config.to_dict())
+        self.spec.check_compatible(codebook.spec)
+        self.paraphraser = paraphraser or TemplateParaphraser()
+        self.reference_pool = list(reference_pool or [])
+        self._pool: _PoolIndex | None = None
+        self.adapter: CodebookAdapter = install(backbone.model, self.layer, codebook)
+
+    # ----- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the adapter; the model is the base model again."""
+        if self.adapter is not None:
+            uninstall(self.backbone.model, self.layer)
+            self.adapter = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Editor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def codebook(self) -> Codebook:
+        return self.adapter.codebook
+
+    def load_codebook(self, codebook: Codebook) -> None:
+        """Replace the codebook (e.g. with a stored version); refuses a foreign one."""
+        self.spec.check_compatible(codebook.spec)
+        self.adapter.codebook = codebook
+
+    # ----- queries --------------------------------------------------------------------------
+    def answer(self, image: ImageInput, question: str) -> str:
+        return self.answers([(image, question)])[0].text
+
+    def answers(
+        self, inputs: Sequence[tuple[ImageInput, str]], *, edited: bool = True
+    ) -> list[Answer]:
+        """Greedy answers for (image, question) pairs, in batches; `edited=False` bypasses edits."""
+        queries = [self.backbone.query(image, question) for image, question in inputs]
+        return self._generate(queries, "lookup" if edited else "off")
+
+    def _generate(self, queries: Sequence[Query], mode: Mode) -> list[Answer]:
+        result: list[Answer] = []
+        for start in range(0, len(queries), INFERENCE_BATCH):
+            batch = self.backbone.encode(queries[start : start + INFERENCE_BATCH])
+            with torch.no_grad(), self.adapter.scope(batch.key_positions, mode=mode) as state:
+                ids = self.backbone.generate_ids(batch, self.config.max_new_tokens)
+            for row, tokens in enumerate(ids):
+                fired = int(state.fired[row])
+                result.append(Answer(
+                    self.backbone.decode(tokens),
+                    self.codebook.entries[fired].fact_id if fired >= 0 else None,
+                    float(state.fired_distance[row]) if fired >= 0 else None,
+                ))
+        return result
+
+    def keys(self, queries: Sequence[Query]) -> torch.Tensor:
+        """The edited layer's input at each query's last prompt token. -> (B, Din)"""
+        chunks = []
+        for start in range(0, len(queries), INFERENCE_BATCH):
+            batch = self.backbone.encode(queries[start : start + INFERENCE_BATCH])
+            with torch.no_grad(), self.adapter.scope(batch.key_positions, mode="off") as state:
+                self.backbone.model(**self.backbone.model_inputs(batch), use_cache=False)
+            assert state.keys is not None
+            chunks.append(state.keys)
+        if not chunks:
+            return torch.zeros(0, self.spec.input_size)
+        return torch.cat(chunks)
+
+    # ----- edits ----------------------------------------------------------------------------
+    def apply(self, fact: Fact) -> EditReport:
+        """Add `fact` as a codebook entry: keys, radius, value, overlap rules. See the README."""
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        config = self.config
+        query = self.backbone.query(fact.image, fact.question)
+        input_id = input_fingerprint(image_bytes(query.image), fact.question)
+        fact_id = fact.fact_id or "f-" + hashlib.sha256(
+            f"{input_id}\x00{normalise_answer(fact.answer)}".encode()).hexdigest()[:16]
+        target_length = len(self.backbone.answer_ids(fact.answer))
+        if target_length > config.max_answer_tokens:
+            raise InvalidFactError(
+                f"answer is {target_length} tokens long; the limit is {config.max_answer_tokens} "
+                "(raise max_answer_tokens to allow longer answers)"
+            )
+        balanced = config.method == "balancedit"
+
+        tick = time.perf_counter()
+        rephrases = list(fact.rephrases)
+        if balanced and not rephrases and config.num_paraphrases:
+            rephrases = self.paraphraser(fact.question, config.num_paraphrases)
+        positives = [Query(query.image, q) for q in rephrases] if balanced else []
+        train_rows = [query] + (positives if config.train_on_rephrases else [])
+        train_batch = self.backbone.encode(train_rows, [fact.answer] * len(train_rows))
+        suffix, state = capture(self.backbone, self.adapter, train_batch, self._first_decoder,
+                                record_steps=target_length)
+        assert state.keys is not None and state.recorded_outputs is not None
+        key = state.keys[0]  # (Din,)
+        positive_keys = state.keys[1:] if config.train_on_rephrases else self.keys(positives)
+        timings["prefix_forward"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        original = self._generate([query], "off")[0].text
+        timings["original_answer"] = time.perf_counter() - tick
+
+        negative_keys = torch.zeros(0, self.spec.input_size)
+        hard_count = 0
+        if balanced:
+            tick = time.perf_counter()
+            negatives = self._negative_queries(fact, query)
+            negative_keys = self.keys(negatives)
+            timings["negative_keys"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            hard = self._hard_negative_keys(key, query, normalise_answer(original))
+            hard_count = hard.shape[0]
+            negative_keys = torch.cat([negative_keys, hard])
+            timings["hard_negatives"] = time.perf_counter() - tick
+
+        positive_distances = pairwise_distances(key[None], positive_keys, config.distance)[0] \
+            if len(positive_keys) else torch.zeros(0)
+        negative_distances = pairwise_distances(key[None], negative_keys, config.distance)[0] \
+            if len(negative_keys) else torch.zeros(0)
+        if balanced:
+            choice = choose_radius(positive_distances, negative_distances, config.alpha,
+                                   config.initial_radius)
+            radius, fallback = choice.radius, choice.fallback
+        else:
+            radius, fallback = config.initial_radius, None
+        if fallback:
+            logger.warning("fact %s: %s", fact_id, fallback)
+
+        tick = time.perf_counter()
+        if config.value_init == "warm":
+            init = state.recorded_outputs[0]  # (L, Dout)
+        else:
+            generator = torch.Generator().manual_seed(config.seed)
+            init = torch.rand(target_length, self.spec.output_size, generator=generator)
+        trained = train_value(self.backbone, self.adapter, train_batch, suffix, init,
+                              config.lr, config.max_steps, config.early_stop)
+        timings["optimisation"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        entry = Entry(fact_id, normalise_answer(fact.answer), input_id, key, trained.values, radius)
+        superseded, split = self.codebook.add(entry)
+        timings["bookkeeping"] = time.perf_counter() - tick
+        return EditReport(
+            fact_id=fact_id,
+            answer=fact.answer,
+            original_answer=original,
+            radius=float(self.codebook.radii[self.codebook.index_of(fact_id)]),
+            positive_distances=tuple(positive_distances.tolist()),
+            negative_distances=tuple(negative_distances.tolist()),
+            radius_fallback=fallback,
+            steps=trained.steps,
+            converged=trained.converged,
+            seconds=time.perf_counter() - started,
+            superseded=tuple(superseded),
+            split_with=tuple(split),
+            num_hard_negatives=hard_count,
+            timings=timings,
+        )
+
+    def retract(self, fact_id: str) -> None:
+        """Remove a fact's entry; radii it cut get back what they had without it."""
+        self.codebook.remove(fact_id)
+
+    def _negative_queries(self, fact: Fact, query: Query) -> list[Query]:
+        negatives = []
+        for negative in fact.negatives:
+            question = negative.question if negative.question is not None else fact.question
+            image = negative.image if negative.image is not None else query.image
+            negatives.append(self.backbone.query(image, question))
+        if query.image is not None and self.config.black_image_negative:
+            negatives.append(Query(black_image(query.image), fact.question))
+        return negatives
+
+    def _pool_index(self) -> _PoolIndex:
+        if self._pool is None:
+            queries = [Query(item.image, item.question) for item in self.reference_pool]
+            keys = self.keys(queries)
+            answers = [normalise_answer(a.text) for a in self._generate(queries, "off")]
+            self._pool = _PoolIndex(keys, answers)
+        return self._pool
+
+    def _hard_negative_keys(self, key: torch.Tensor, query: Query, original: str) -> torch.Tensor:
+        """Keys of the pool inputs nearest to `key` that the unedited model answers differently.
+
+        Candidates: the pool's own inputs, and the pool's other questions asked about the fact's
+        image (other questions about the edited image must not inherit the edit).
+        """
+        count = self.config.num_hard_negatives
+        if not self.reference_pool or count == 0:
+            return torch.zeros(0, self.spec.input_size)
+        pool = self._pool_index()
+        same_image = [
+            Query(query.image, q) for q in distinct_questions(self.reference_pool)
+            if q.casefold() != query.question.casefold()
+        ][:MAX_SAME_IMAGE_QUESTIONS]
+        same_keys = self.keys(same_image)
+        same_answers = [normalise_answer(a.text) for a in self._generate(same_image, "off")]
+        keys = torch.cat([pool.keys, same_keys])  # (P + S, Din)
+        answers = pool.answers + same_answers
+        distance = pairwise_distances(key[None], keys, self.config.distance)[0]  # (P + S,)
+        different = torch.tensor([a != original for a in answers])
+        order = torch.argsort(torch.where(different, distance, torch.full_like(distance, float("inf"))))
+        chosen = [int(i) for i in order[:count] if bool(different[i])]
+        return keys[chosen]

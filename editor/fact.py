@@ -1,0 +1,129 @@
+"""What a caller hands the editor (`Fact`, `Negative`) and what it gets back (`EditReport`)."""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from PIL import Image
+
+from editor.errors import InvalidFactError
+
+ImageInput = Union[Image.Image, str, Path, None]
+
+MAX_QUESTION_CHARS = 2_000
+MAX_ANSWER_CHARS = 500
+
+
+def normalise_answer(answer: str) -> str:
+    """The form under which two answers count as the same: NFC, case-folded, single-spaced."""
+    text = unicodedata.normalize("NFC", answer)
+    return " ".join(text.casefold().split())
+
+
+def clean_text(value: str, what: str, max_chars: int) -> str:
+    """Strip and validate a question or an answer; raise `InvalidFactError` naming the problem."""
+    if not isinstance(value, str):
+        raise InvalidFactError(f"{what} must be a string, got {type(value).__name__}")
+    text = unicodedata.normalize("NFC", value).strip()
+    if not text:
+        raise InvalidFactError(f"{what} is empty; give a non-blank {what}")
+    if len(text) > max_chars:
+        raise InvalidFactError(
+            f"{what} is {len(text):,} characters long; the limit is {max_chars:,}"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class Negative:
+    """An input the fact must NOT cover: another image, another question, or both.
+
+    A missing part is taken from the fact: ``Negative(image=x)`` means "the fact's question about
+    image x", ``Negative(question=q)`` means "question q about the fact's image".
+    """
+
+    image: ImageInput = None
+    question: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image is None and self.question is None:
+            raise InvalidFactError("a negative needs an image, a question, or both")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One piece of knowledge: on (image, question) the model must now answer `answer`.
+
+    `rephrases` are other phrasings of the question that the fact must cover (positives);
+    `negatives` are inputs it must not cover. `image` is None for text-only models.
+    """
+
+    image: ImageInput
+    question: str
+    answer: str
+    rephrases: tuple[str, ...] = ()
+    negatives: tuple[Negative, ...] = ()
+    fact_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "question", clean_text(self.question, "question", MAX_QUESTION_CHARS))
+        object.__setattr__(self, "answer", clean_text(self.answer, "answer", MAX_ANSWER_CHARS))
+        rephrases = tuple(
+            clean_text(q, "rephrase", MAX_QUESTION_CHARS) for q in tuple(self.rephrases)
+        )
+        object.__setattr__(self, "rephrases", rephrases)
+        negatives = tuple(
+            n if isinstance(n, Negative) else Negative(**n) for n in tuple(self.negatives)
+        )
+        object.__setattr__(self, "negatives", negatives)
+
+
+@dataclass(frozen=True)
+class EditReport:
+    """What one `Editor.apply` did, for logs, the daemon's ledger and benchmarks."""
+
+    fact_id: str
+    answer: str
+    original_answer: str
+    radius: float
+    positive_distances: tuple[float, ...]
+    negative_distances: tuple[float, ...]
+    radius_fallback: str | None
+    steps: int
+    converged: bool
+    seconds: float
+    superseded: tuple[str, ...] = ()
+    split_with: tuple[str, ...] = ()
+    num_hard_negatives: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "fact_id": self.fact_id,
+            "answer": self.answer,
+            "original_answer": self.original_answer,
+            "radius": self.radius,
+            "positive_distances": list(self.positive_distances),
+            "negative_distances": list(self.negative_distances),
+            "radius_fallback": self.radius_fallback,
+            "steps": self.steps,
+            "converged": self.converged,
+            "seconds": self.seconds,
+            "superseded": list(self.superseded),
+            "split_with": list(self.split_with),
+            "num_hard_negatives": self.num_hard_negatives,
+            "timings": dict(self.timings),
+        }
+
+
+def input_fingerprint(image_bytes: bytes | None, question: str) -> str:
+    """Identity of an (image, question) input: a new fact on the same input supersedes the old."""
+    digest = hashlib.sha256()
+    digest.update(image_bytes or b"<no image>")
+    digest.update(b"\x00")
+    digest.update(" ".join(question.casefold().split()).encode())
+    return digest.hexdigest()

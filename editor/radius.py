@@ -1,0 +1,120 @@
+"""Pure functions on keys and radii: distances, BalancEdit's radius choice, GRACE's overlap rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from editor.config import Distance
+
+
+def pairwise_distances(queries: torch.Tensor, keys: torch.Tensor, distance: Distance) -> torch.Tensor:
+    """Distances between every query and every key. queries (B, D), keys (N, D) -> (B, N)."""
+    queries = queries.float()
+    keys = keys.float()
+    if distance == "cosine":
+        q = torch.nn.functional.normalize(queries, dim=-1)  # (B, D)
+        k = torch.nn.functional.normalize(keys, dim=-1)  # (N, D)
+        return (1.0 - q @ k.T).clamp_min(0.0)  # (B, N)
+    return torch.cdist(queries.unsqueeze(0), keys.unsqueeze(0)).squeeze(0)  # (B, N)
+
+
+@dataclass(frozen=True)
+class RadiusChoice:
+    radius: float
+    # None when every positive lies inside and every negative outside; else why not, and what
+    # the fallback did.
+    fallback: str | None
+
+
+def choose_radius(
+    positive_distances: torch.Tensor,
+    negative_distances: torch.Tensor,
+    alpha: float,
+    initial_radius: float,
+) -> RadiusChoice:
+    """BalancEdit's radius from the distances of the positives and negatives to the fact's key.
+
+    With one positive and one negative this is the paper's ``(1 - alpha) * d_neg + alpha * d_pos``.
+    With several, ``d_pos`` is the farthest positive and ``d_neg`` the nearest negative, so every
+    positive falls inside and every negative outside. When that is impossible (a negative lies
+    no farther than some positive), the fallback puts the boundary at the positive distance (or 0)
+    with the best balanced accuracy (share of positives inside plus share of negatives outside;
+    the fact's own key counts as a positive at distance 0), preferring the smaller radius on ties,
+    and then places the radius between that boundary and the next negative out with `alpha`.
+    """
+    pos = positive_distances.float().flatten()
+    neg = negative_distances.float().flatten()
+    if pos.numel() == 0 and neg.numel() == 0:
+        return RadiusChoice(initial_radius, "no positives or negatives; used initial_radius")
+    if neg.numel() == 0:
+        far = float(pos.max())
+        return RadiusChoice(far * (1.0 + alpha) if far > 0 else initial_radius,
+                            "no negatives; radius covers the farthest positive with margin alpha")
+    near_negative = float(neg.min())
+    far_positive = float(pos.max()) if pos.numel() else 0.0
+    if far_positive < near_negative:
+        return RadiusChoice((1.0 - alpha) * near_negative + alpha * far_positive, None)
+
+    # Infeasible: scan candidate radii at 0 and at each positive's distance.
+    candidates = torch.cat([torch.zeros(1), pos]).unique()  # sorted ascending
+    inside = ((pos.unsqueeze(0) <= candidates.unsqueeze(1)).sum(1) + 1) / (pos.numel() + 1)  # (C,)
+    outside = (neg.unsqueeze(0) > candidates.unsqueeze(1)).sum(1) / neg.numel()  # (C,)
+    score = inside + outside  # balanced accuracy: positives and negatives weigh the same in total
+    best = int(torch.nonzero(score == score.max())[0])  # first = smallest radius among the best
+    boundary = float(candidates[best])
+    # Place the radius between that boundary and the next negative out, as the paper's formula does.
+    beyond = neg[neg > boundary]
+    if beyond.numel():
+        radius = (1.0 - alpha) * float(beyond.min()) + alpha * boundary
+    else:
+        radius = boundary * (1.0 + alpha) if boundary > 0 else initial_radius
+    n_neg_inside = int((neg <= radius).sum())
+    n_pos_outside = int((pos > radius).sum())
+    return RadiusChoice(
+        radius,
+        f"{int((neg <= far_positive).sum())} of {neg.numel()} negatives lie no farther than the "
+        f"farthest positive ({far_positive:.4g} >= {near_negative:.4g}); radius {radius:.4g} leaves "
+        f"{n_pos_outside} of {pos.numel()} positives outside and {n_neg_inside} negatives inside",
+    )
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    radii: torch.Tensor  # (N,)
+    cut_by: tuple[tuple[int, ...], ...]  # for each entry, the entries whose arrival cut its radius
+
+
+def resolve_overlaps(
+    keys: torch.Tensor, base_radii: torch.Tensor, answers: list[str], distance: Distance
+) -> SplitResult:
+    """GRACE's overlap rule, replayed over the entries in insertion order.
+
+    Each entry keeps the radius it was given when added (`base_radii`). When a later entry with a
+    different answer overlaps an earlier one (distance below the sum of their current radii),
+    both radii shrink to at most half their distance, so the balls no longer overlap. Entries with
+    the same answer may overlap: together they cover both keys. Because the effective radii are a
+    function of the entries alone, removing an entry and replaying gives exactly the radii the
+    codebook would have had without it.
+    """
+    n = keys.shape[0]
+    radii = base_radii.float().clone()
+    cut_by: list[list[int]] = [[] for _ in range(n)]
+    if n < 2:
+        return SplitResult(radii, tuple(tuple(c) for c in cut_by))
+    dist = pairwise_distances(keys, keys, distance)  # (N, N)
+    for i in range(1, n):
+        for j in range(i):
+            if answers[i] == answers[j]:
+                continue
+            d = float(dist[i, j])
+            if d < float(radii[i] + radii[j]):
+                half = d / 2.0
+                if float(radii[i]) > half:
+                    radii[i] = half
+                    cut_by[i].append(j)
+                if float(radii[j]) > half:
+                    radii[j] = half
+                    cut_by[j].append(i)
+    return SplitResult(radii, tuple(tuple(c) for c in cut_by))

@@ -1,0 +1,78 @@
+"""Where positives and negatives come from when the caller gives none.
+
+Positives: rephrasings of the question from a pluggable paraphraser. The default,
+`TemplateParaphraser`, works offline with a few meaning-preserving rewrites of English questions.
+Negatives: altered images (a black image) and hard negatives mined from a reference pool.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+
+class Paraphraser(Protocol):
+    def __call__(self, question: str, count: int) -> list[str]:
+        """Up to `count` rephrasings of `question`, never the question itself."""
+        ...
+
+
+_REWRITES: tuple[tuple[str, str], ...] = (
+    (r"\bin the image\b", "in the picture"),
+    (r"\bin the picture\b", "in the image"),
+    (r"\bin this image\b", "in this picture"),
+    (r"\bin the photo\b", "in the image"),
+    (r"\bwhat is\b", "what's"),
+    (r"\bwhat's\b", "what is"),
+    (r"\bis there\b", "is there any"),
+    (r"\bdoes the image contain\b", "does the picture contain"),
+    (r"\bwhat color\b", "what colour"),
+    (r"\bwhat colour\b", "what color"),
+)
+_FRAMES = ("can you tell me {q}", "please answer: {q}", "{q} tell me.", "question: {q}")
+
+
+class TemplateParaphraser:
+    """Deterministic rewrites (synonymous phrases, then polite frames) of an English question."""
+
+    def __call__(self, question: str, count: int) -> list[str]:
+        seen = {question.casefold()}
+        result: list[str] = []
+
+        def offer(text: str) -> None:
+            text = " ".join(text.split())
+            if text and text.casefold() not in seen:
+                seen.add(text.casefold())
+                result.append(text)
+
+        for pattern, replacement in _REWRITES:
+            if re.search(pattern, question, flags=re.IGNORECASE):
+                offer(re.sub(pattern, replacement, question, count=1, flags=re.IGNORECASE))
+        bare = question.rstrip(" ?")
+        for frame in _FRAMES:
+            offer(frame.format(q=bare + ("?" if "{q}?" not in frame else "")).replace("??", "?"))
+        return result[:count]
+
+
+def black_image(like: Image.Image) -> Image.Image:
+    """The altered image of BalancEdit's negative sample: same size, all black."""
+    return Image.new("RGB", like.size, (0, 0, 0))
+
+
+@dataclass(frozen=True)
+class ReferenceItem:
+    """One typical input of the model's traffic, for hard-negative mining."""
+
+    image: Image.Image | None
+    question: str
+
+
+def distinct_questions(items: Sequence[ReferenceItem]) -> list[str]:
+    seen: dict[str, None] = {}
+    for item in items:
+        seen.setdefault(item.question, None)
+    return list(seen)

@@ -1,0 +1,187 @@
+"""The editing engine on tiny random models of every supported family (one parametrised table)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import editor
+from editor import Codebook, Editor, Fact, Negative
+from editor.errors import IncompatibleCodebookError, InvalidFactError
+from editor.training import capture, run_suffix
+from tiny_models import FAMILIES, build, image, needs_image
+
+QUESTION = "what shape is in the image?"
+# Random models have no semantics: positives are surface variants early in the prompt (so that
+# models with learned absolute positions keep every later token in place).
+REPHRASES = ("What shape is in the image?", "WHAT shape is in the image?")
+
+
+def fact_inputs(family: str):
+    red = image((230, 20, 20)) if needs_image(family) else None
+    return red
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def backbone(family):
+    return build(family)
+
+
+def logits(backbone, editor_, queries, mode="lookup"):
+    batch = backbone.encode(queries)
+    with torch.no_grad(), editor_.adapter.scope(batch.key_positions, mode=mode):
+        return backbone.model(**backbone.model_inputs(batch), use_cache=False).logits
+
+
+def test_empty_codebook_equals_base_model_and_uninstall_restores_weights(family, backbone):
+    red = fact_inputs(family)
+    queries = [backbone.query(red, QUESTION), backbone.query(red, "is it blue?")]
+    batch = backbone.encode(queries)
+    weights_before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    with torch.no_grad():
+        base = backbone.model(**backbone.model_inputs(batch), use_cache=False).logits
+    with Editor(backbone) as ed:
+        assert torch.equal(logits(backbone, ed, queries), base)
+        ed.apply(Fact(red, QUESTION, "oblong box"))
+    weights_after = backbone.model.state_dict()
+    assert weights_before.keys() == weights_after.keys()
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+    with torch.no_grad():
+        assert torch.equal(backbone.model(**backbone.model_inputs(batch), use_cache=False).logits, base)
+
+
+def test_edit_fires_on_input_and_positives_not_on_negatives(family, backbone):
+    red = fact_inputs(family)
+    blue = image((20, 20, 230), "circle") if needs_image(family) else None
+    negatives = (Negative(question="how many legs does a spider have in total?"),)
+    if blue is not None:
+        negatives += (Negative(image=blue),)
+    fact = Fact(red, QUESTION, "aqua marine", rephrases=REPHRASES, negatives=negatives)
+    with Editor(backbone, black_image_negative=False) as ed:
+        unedited = ed.answers([(red, n.question or QUESTION) for n in negatives if n.image is None]
+                              + [(n.image, QUESTION) for n in negatives if n.image is not None],
+                              edited=False)
+        report = ed.apply(fact)
+        assert report.converged and report.radius_fallback is None, report
+        assert max(report.positive_distances) <= report.radius < min(report.negative_distances)
+        own_and_positives = ed.answers([(red, QUESTION)] + [(red, q) for q in REPHRASES])
+        assert [a.text for a in own_and_positives] == ["aqua marine"] * 3
+        assert {a.fact_id for a in own_and_positives} == {report.fact_id}
+        edited = ed.answers([(red, n.question or QUESTION) for n in negatives if n.image is None]
+                            + [(n.image, QUESTION) for n in negatives if n.image is not None])
+        assert [a.fact_id for a in edited] == [None] * len(negatives)
+        assert [a.text for a in edited] == [a.text for a in unedited]
+
+
+def test_multi_token_answers_are_generated_in_full_and_stop(family, backbone):
+    red = fact_inputs(family)
+    other = image((20, 200, 20), "circle") if needs_image(family) else None
+    other_question = "what colour is it?" if other is None else QUESTION
+    with Editor(backbone) as ed:
+        first = ed.apply(Fact(red, QUESTION, "oblong box"))
+        second = ed.apply(Fact(other, other_question, "aqua marine, the colour of the sea"))
+        assert first.converged and second.converged
+        assert ed.answer(red, QUESTION) == "oblong box"
+        assert ed.answer(other, other_question) == "aqua marine, the colour of the sea"
+
+
+def test_batch_equals_row_by_row(family, backbone):
+    red = fact_inputs(family)
+    green = image((20, 200, 20), "circle") if needs_image(family) else None
+    inputs = [(red, QUESTION), (green, "what colour is the big shape in the image?"), (red, REPHRASES[0]),
+              (green, "is there a circle?")]
+    with Editor(backbone) as ed:
+        ed.apply(Fact(red, QUESTION, "oblong box", rephrases=REPHRASES))
+        together = ed.answers(inputs)
+        alone = [ed.answers([item])[0] for item in inputs]
+        assert [a.text for a in together] == [a.text for a in alone]
+        assert [a.fact_id for a in together] == [a.fact_id for a in alone]
+        queries = [backbone.query(*item) for item in inputs]
+        batch_logits = logits(backbone, ed, queries)
+        for row, query in enumerate(queries):
+            single = logits(backbone, ed, [query])[0]
+            width = single.shape[0]
+            torch.testing.assert_close(batch_logits[row, -width:], single, atol=1e-4, rtol=1e-4)
+
+
+def test_serialisation_round_trip_reproduces_answers_bit_for_bit(family, backbone):
+    red = fact_inputs(family)
+    queries_in = [(red, QUESTION), (red, REPHRASES[1]), (red, "is it blue?")]
+    with Editor(backbone) as ed:
+        ed.apply(Fact(red, QUESTION, "oblong box", rephrases=REPHRASES))
+        blob = ed.codebook.to_bytes()
+        expected_answers = ed.answers(queries_in)
+        expected_logits = logits(backbone, ed, [backbone.query(*q) for q in queries_in])
+    fresh = build(family)  # a new instance of the same base model
+    restored = Codebook.from_bytes(blob)
+    assert restored.to_bytes() == blob
+    with Editor(fresh, codebook=restored) as ed:
+        assert ed.answers(queries_in) == expected_answers
+        assert torch.equal(logits(fresh, ed, [fresh.query(*q) for q in queries_in]), expected_logits)
+
+
+def test_same_seed_same_codebook_bytes(family):
+    blobs = []
+    for _ in range(2):
+        backbone = build(family)
+        red = fact_inputs(family)
+        with Editor(backbone, value_init="cold", seed=7) as ed:
+            ed.apply(Fact(red, QUESTION, "oblong box"))
+            ed.apply(Fact(red, "is it blue?", "nope"))
+            blobs.append(ed.codebook.to_bytes())
+    assert blobs[0] == blobs[1]
+
+
+def test_suffix_rerun_matches_full_forward(family, backbone):
+    red = fact_inputs(family)
+    with Editor(backbone) as ed:
+        batch = backbone.encode([backbone.query(red, QUESTION), backbone.query(red, "is it so?")],
+                                ["box", "yes"])
+        suffix, _ = capture(backbone, ed.adapter, batch, ed._first_decoder, record_steps=0)
+        positions = batch.key_positions.unsqueeze(1) + torch.arange(batch.targets.shape[1])
+        with torch.no_grad(), ed.adapter.scope(batch.key_positions, mode="off"):
+            partial = run_suffix(backbone, suffix, positions)
+            full = backbone.model(**backbone.model_inputs(batch), use_cache=False).logits.float()
+        expected = full.gather(1, positions.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+        torch.testing.assert_close(partial, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_codebook_for_another_model_is_refused(family, backbone):
+    other = "gpt2" if family != "gpt2" else "llama"
+    with Editor(build(other)) as ed:
+        blob = ed.codebook.to_bytes()
+    with pytest.raises(IncompatibleCodebookError, match="codebook was built for"):
+        Editor(backbone, codebook=Codebook.from_bytes(blob))
+    with Editor(backbone) as ed:
+        with pytest.raises(IncompatibleCodebookError, match="codebook was built for"):
+            ed.load_codebook(Codebook.from_bytes(blob))
+
+
+def test_image_rules(family, backbone):
+    with Editor(backbone) as ed:
+        if needs_image(family):
+            with pytest.raises(InvalidFactError, match="an image is required"):
+                ed.apply(Fact(None, QUESTION, "box"))
+        else:
+            with pytest.raises(InvalidFactError, match="text-only model; give no image"):
+                ed.apply(Fact(image((1, 2, 3)), QUESTION, "box"))
+        assert len(ed.codebook) == 0
+
+
+def test_grace_uses_the_fixed_radius(family, backbone):
+    red = fact_inputs(family)
+    with Editor(backbone, method="grace", initial_radius=0.5, max_steps=20, early_stop=True) as ed:
+        report = ed.apply(Fact(red, QUESTION, "oblong box"))
+        assert report.radius == pytest.approx(0.5)
+        assert report.positive_distances == () and report.negative_distances == ()
+        assert ed.answer(red, QUESTION) == "oblong box"
+
+
+def test_public_api_names():
+    for name in ("load_backbone", "Editor", "Codebook", "Fact", "EditReport"):
+        assert getattr(editor, name) is not None
