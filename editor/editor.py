@@ -68,6 +68,10 @@ class Editor:
             base = backbone.model.get_submodule(self.layer)
         except AttributeError as exc:
             raise EditorError(f"model has no layer {self.layer!r}") from exc
+        if isinstance(base, CodebookAdapter):
+            raise EditorError(
+                f"layer {self.layer!r} already carries a codebook adapter; close() the other Editor first"
+            )
         input_size, output_size = layer_sizes(base)
         self.spec = CodebookSpec(backbone.model_id, self.layer, input_size, output_size,
                                  self.config.distance)

@@ -1,0 +1,174 @@
+"""Codebook, radius and configuration rules on hand-made keys (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editor.codebook import Codebook, CodebookSpec, Entry
+from editor.config import EditConfig
+from editor.errors import ConfigError, EditorError, IncompatibleCodebookError, InvalidFactError
+from editor.fact import Fact, Negative, normalise_answer
+from editor.radius import choose_radius
+
+SPEC = CodebookSpec("model-x", "layers.1.fc2", 2, 3, "euclidean")
+
+
+def entry(fact_id: str, x: float, y: float, radius: float, answer: str, input_id: str | None = None) -> Entry:
+    values = torch.full((2, 3), float(len(fact_id)))
+    return Entry(fact_id, answer, input_id or fact_id, torch.tensor([x, y]), values, radius)
+
+
+def radii(book: Codebook) -> dict[str, float]:
+    return {e.fact_id: float(r) for e, r in zip(book.entries, book.radii)}
+
+
+def test_disjoint_entries_keep_their_radii():
+    book = Codebook(SPEC)
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    _, split = book.add(entry("b", 5, 0, 1.0, "dog"))
+    assert split == [] and radii(book) == {"a": 1.0, "b": 1.0}
+
+
+def test_overlap_with_different_answer_splits_both_to_half_the_distance():
+    book = Codebook(SPEC)
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    _, split = book.add(entry("b", 1, 0, 1.0, "dog"))
+    assert split == ["a"]
+    assert radii(book) == {"a": 0.5, "b": 0.5}
+    assert book.cut_by == ((1,), (0,))
+
+
+def test_overlap_with_same_answer_does_not_split_and_both_balls_cover():
+    book = Codebook(SPEC)
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    _, split = book.add(entry("b", 1, 0, 1.0, "cat"))
+    assert split == [] and radii(book) == {"a": 1.0, "b": 1.0}
+    fired, _ = book.lookup(torch.tensor([[1.9, 0.0], [-0.9, 0.0], [0.6, 0.0]]))
+    assert fired.tolist() == [1, 0, 1]  # nearest ball that contains the query
+
+
+def test_lookup_misses_outside_every_ball():
+    book = Codebook(SPEC)
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    fired, distance = book.lookup(torch.tensor([[3.0, 0.0], [0.5, 0.0]]))
+    assert fired.tolist() == [-1, 0]
+    assert distance[0] == float("inf") and distance[1] == pytest.approx(0.5)
+
+
+def test_retract_restores_exactly_the_radii_of_the_codebook_built_without_the_fact():
+    with_b = Codebook(SPEC)
+    for e in (entry("a", 0, 0, 1.0, "cat"), entry("b", 1, 0, 1.0, "dog"), entry("c", 0.5, 3, 2.8, "cow"),
+              entry("d", -3, 0, 1.5, "cat")):
+        with_b.add(e)
+    without_b = Codebook(SPEC)
+    for e in (entry("a", 0, 0, 1.0, "cat"), entry("c", 0.5, 3, 2.8, "cow"), entry("d", -3, 0, 1.5, "cat")):
+        without_b.add(e)
+    assert radii(with_b) != radii(without_b)
+    with_b.remove("b")
+    assert radii(with_b) == radii(without_b)
+    assert with_b.to_bytes() == without_b.to_bytes()
+
+
+def test_new_fact_for_the_same_input_supersedes_the_old_entry():
+    book = Codebook(SPEC)
+    book.add(entry("old", 0, 0, 1.0, "cat", input_id="img1|q"))
+    book.add(entry("other", 4, 0, 1.0, "dog"))
+    superseded, _ = book.add(entry("new", 0.1, 0, 1.0, "kitty", input_id="img1|q"))
+    assert superseded == ["old"]
+    assert book.fact_ids == ["other", "new"]
+
+
+def test_unknown_fact_and_duplicate_fact_ids_are_refused():
+    book = Codebook(SPEC)
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    with pytest.raises(EditorError, match="no entry for fact 'zzz'"):
+        book.remove("zzz")
+    with pytest.raises(EditorError, match="already in the codebook"):
+        book.add(entry("a", 9, 9, 1.0, "dog", input_id="elsewhere"))
+    assert book.fact_ids == ["a"]
+
+
+def test_shapes_are_checked():
+    book = Codebook(SPEC)
+    bad_key = Entry("a", "cat", "a", torch.zeros(5), torch.zeros(1, 3), 1.0)
+    with pytest.raises(IncompatibleCodebookError, match="does not fit layer input size 2"):
+        book.add(bad_key)
+    bad_values = Entry("a", "cat", "a", torch.zeros(2), torch.zeros(1, 4), 1.0)
+    with pytest.raises(IncompatibleCodebookError, match="do not fit layer output size 3"):
+        book.add(bad_values)
+
+
+def test_bytes_round_trip_and_damage():
+    book = Codebook(SPEC, {"alpha": 0.2})
+    book.add(entry("a", 0, 0, 1.0, "cat"))
+    book.add(entry("bb", 1, 0, 1.0, "dog"))
+    blob = book.to_bytes()
+    again = Codebook.from_bytes(blob)
+    assert again.to_bytes() == blob
+    assert again.fact_ids == ["a", "bb"] and radii(again) == radii(book)
+    assert torch.equal(again.entries[1].values, book.entries[1].values)
+    assert Codebook.from_bytes(Codebook(SPEC).to_bytes()).fact_ids == []
+    for damaged in (b"", b"not safetensors at all", blob[: len(blob) // 2]):
+        with pytest.raises(IncompatibleCodebookError):
+            Codebook.from_bytes(damaged)
+
+
+def test_paper_radius_formula_with_one_positive_and_one_negative():
+    choice = choose_radius(torch.tensor([0.2]), torch.tensor([1.0]), alpha=0.1, initial_radius=9.0)
+    assert choice.fallback is None
+    assert choice.radius == pytest.approx(0.9 * 1.0 + 0.1 * 0.2)
+
+
+def test_several_samples_put_every_positive_inside_and_every_negative_outside():
+    choice = choose_radius(torch.tensor([0.1, 0.4, 0.3]), torch.tensor([2.0, 0.9, 1.5]), 0.5, 9.0)
+    assert choice.fallback is None
+    assert 0.4 < choice.radius < 0.9
+    assert choice.radius == pytest.approx(0.5 * 0.9 + 0.5 * 0.4)
+
+
+def test_infeasible_samples_fall_back_and_say_why():
+    # One negative (0.3) is nearer than two positives (0.5, 0.6).
+    choice = choose_radius(torch.tensor([0.1, 0.5, 0.6]), torch.tensor([0.3, 2.0]), 0.2, 9.0)
+    assert choice.fallback is not None and "1 of 2 negatives" in choice.fallback
+    # Balanced accuracy (the key counts as a positive): boundary 0.1 scores 2/4 + 2/2, boundary 0.6
+    # scores 4/4 + 1/2: a tie, so the smaller one wins, and the radius sits between 0.1 and the
+    # next negative out (0.3).
+    assert choice.radius == pytest.approx(0.8 * 0.3 + 0.2 * 0.1)
+    wider = choose_radius(torch.tensor([0.1, 0.5, 0.6]), torch.tensor([0.3, 2.0, 3.0]), 0.2, 9.0)
+    # Now 0.6 scores 4/4 + 2/3 against 2/4 + 3/3: generality wins.
+    assert wider.radius == pytest.approx(0.8 * 2.0 + 0.2 * 0.6)
+
+
+def test_missing_samples_have_documented_fallbacks():
+    assert choose_radius(torch.zeros(0), torch.zeros(0), 0.2, 1.5).radius == 1.5
+    only_negative = choose_radius(torch.zeros(0), torch.tensor([1.0]), 0.2, 9.0)
+    assert only_negative.fallback is None and only_negative.radius == pytest.approx(0.8)
+    only_positive = choose_radius(torch.tensor([0.5]), torch.zeros(0), 0.2, 9.0)
+    assert "no negatives" in only_positive.fallback and only_positive.radius == pytest.approx(0.6)
+
+
+def test_config_rejects_unknown_and_invalid_values():
+    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) alpah; valid: alpha, "):
+        EditConfig.from_dict({"alpah": 0.3})
+    with pytest.raises(ConfigError, match="distance must be 'euclidean' or 'cosine', got 'l2'"):
+        EditConfig(distance="l2")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"alpha must lie in \[0, 1\], got 1.5"):
+        EditConfig(alpha=1.5)
+    grace = EditConfig.from_dict({"method": "grace"})
+    assert (grace.value_init, grace.lr, grace.early_stop) == ("cold", 1.0, False)
+
+
+def test_fact_validation():
+    with pytest.raises(InvalidFactError, match="question is empty"):
+        Fact(None, "   ", "x")
+    with pytest.raises(InvalidFactError, match="answer is empty"):
+        Fact(None, "q?", "\n")
+    with pytest.raises(InvalidFactError, match="100,000 characters long; the limit is 2,000"):
+        Fact(None, "q" * 100_000, "x")
+    with pytest.raises(InvalidFactError, match="a negative needs an image, a question, or both"):
+        Negative()
+    fact = Fact(None, "  what is it? ", " Kitty ", rephrases=["what's it?"], negatives=[{"question": "x?"}])
+    assert (fact.question, fact.answer, fact.rephrases) == ("what is it?", "Kitty", ("what's it?",))
+    assert fact.negatives == (Negative(question="x?"),)
+    assert normalise_answer("  Aqua   MARINE ") == "aqua marine"

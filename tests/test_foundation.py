@@ -1,0 +1,61 @@
+"""Project-level guarantees: import direction, the CLI boundary, the PostgreSQL test server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from kb_daemon.cli import cli
+
+
+def modules_after_import(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_editor_imports_no_service_code():
+    loaded = modules_after_import("import editor; editor.Editor; editor.load_backbone")
+    assert "torch" in loaded
+    for forbidden in ("kb_daemon", "workers", "celery", "sqlalchemy", "alembic", "click", "easy_vqa"):
+        assert forbidden not in loaded, forbidden
+
+
+def test_kb_daemon_cli_imports_no_model_code():
+    loaded = modules_after_import("import kb_daemon.cli")
+    for forbidden in ("torch", "transformers", "editor", "workers"):
+        assert forbidden not in loaded, forbidden
+
+
+def test_every_command_help_ends_with_an_example():
+    for name, command in cli.commands.items():
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Example:" in result.output, f"kbctl {name} --help has no Example: block"
+
+
+def test_domain_error_is_one_line_and_exit_1(monkeypatch):
+    import kb_daemon.demo
+
+    def fail(echo, new_name):
+        from editor.errors import EditorError
+
+        raise EditorError("the demo model is missing; reinstall kb-daemon")
+
+    monkeypatch.setattr(kb_daemon.demo, "run_demo", fail)
+    result = CliRunner().invoke(cli, ["demo"])
+    assert result.exit_code == 1
+    assert result.stderr == "Error: the demo model is missing; reinstall kb-daemon\n"
+
+
+@pytest.mark.postgres
+def test_postgres_server_answers(postgres_url):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("select 40 + 2")).scalar() == 42
+    engine.dispose()
