@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
-from editor.radius import pairwise_distances, resolve_overlaps
+from editor.radius import arrive, pairwise_distances, resolve_overlaps
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "kb-daemon-codebook"
@@ -113,14 +113,26 @@ class Codebook:
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         superseded = [e.fact_id for e in self.entries if e.input_id == entry.input_id]
         self.entries = [e for e in self.entries if e.input_id != entry.input_id]
-        self.entries.append(
-            Entry(entry.fact_id, entry.answer, entry.input_id,
-                  entry.key.detach().float().cpu().contiguous(),
-                  entry.values.detach().float().cpu().contiguous(), float(entry.base_radius))
-        )
-        self._refresh()
+        stored = Entry(entry.fact_id, entry.answer, entry.input_id,
+                       entry.key.detach().float().cpu().contiguous(),
+                       entry.values.detach().float().cpu().contiguous(),
+                       float(torch.tensor(entry.base_radius, dtype=torch.float32)))
+        if superseded:
+            self.entries.append(stored)
+            self._refresh()
+        else:  # the common case: only the new entry's arrival needs the overlap rule
+            self.entries.append(stored)
+            self.keys = torch.cat([self.keys, stored.key[None]])  # (N, Din)
+            self.radii = torch.cat([self.radii, torch.tensor([stored.base_radius])])  # (N,)
+            codes = {}
+            code_list = [codes.setdefault(e.answer, len(codes)) for e in self.entries]
+            cut_by = [list(c) for c in self.cut_by] + [[]]
+            arrive(self.keys, self.radii, torch.tensor(code_list), len(self.entries) - 1,
+                   self.spec.distance, cut_by)
+            self.cut_by = tuple(tuple(c) for c in cut_by)
+            self._device_cache = {}
         new = len(self.entries) - 1
-        touched = {j for j in self.cut_by[new]} | {j for j, cuts in enumerate(self.cut_by) if new in cuts}
+        touched = set(self.cut_by[new]) | {j for j, cuts in enumerate(self.cut_by) if new in cuts}
         return superseded, [self.entries[j].fact_id for j in sorted(touched)]
 
     def remove(self, fact_id: str) -> None:

@@ -91,30 +91,47 @@ def resolve_overlaps(
 ) -> SplitResult:
     """GRACE's overlap rule, replayed over the entries in insertion order.
 
-    Each entry keeps the radius it was given when added (`base_radii`). When a later entry with a
-    different answer overlaps an earlier one (distance below the sum of their current radii),
-    both radii shrink to at most half their distance, so the balls no longer overlap. Entries with
-    the same answer may overlap: together they cover both keys. Because the effective radii are a
-    function of the entries alone, removing an entry and replaying gives exactly the radii the
-    codebook would have had without it.
+    Each entry keeps the radius it was given when added (`base_radii`). When an entry arrives,
+    every earlier entry with a different answer whose ball overlaps its own (distance below the
+    sum of the two current radii) is cut to at most half their distance, and so is the new entry.
+    Entries with the same answer may overlap: together they cover both keys. Because the effective
+    radii are a function of the entries alone, removing an entry and replaying gives exactly the
+    radii the codebook would have had without it.
     """
     n = keys.shape[0]
     radii = base_radii.float().clone()
     cut_by: list[list[int]] = [[] for _ in range(n)]
-    if n < 2:
-        return SplitResult(radii, tuple(tuple(c) for c in cut_by))
-    dist = pairwise_distances(keys, keys, distance)  # (N, N)
+    codes = _answer_codes(answers)
     for i in range(1, n):
-        for j in range(i):
-            if answers[i] == answers[j]:
-                continue
-            d = float(dist[i, j])
-            if d < float(radii[i] + radii[j]):
-                half = d / 2.0
-                if float(radii[i]) > half:
-                    radii[i] = half
-                    cut_by[i].append(j)
-                if float(radii[j]) > half:
-                    radii[j] = half
-                    cut_by[j].append(i)
+        arrive(keys, radii, codes, i, distance, cut_by)
     return SplitResult(radii, tuple(tuple(c) for c in cut_by))
+
+
+def _answer_codes(answers: list[str]) -> torch.Tensor:
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(a, len(index)) for a in answers], dtype=torch.long)
+
+
+def arrive(
+    keys: torch.Tensor,
+    radii: torch.Tensor,
+    codes: torch.Tensor,
+    i: int,
+    distance: Distance,
+    cut_by: list[list[int]] | None = None,
+) -> None:
+    """Apply the overlap rule for entry `i` against entries 0..i-1, updating `radii` in place."""
+    d = pairwise_distances(keys[i : i + 1], keys[:i], distance)[0]  # (i,)
+    overlapping = (codes[:i] != codes[i]) & (d < radii[:i] + radii[i])  # (i,)
+    if not bool(overlapping.any()):
+        return
+    half = d / 2.0  # (i,)
+    cut_earlier = overlapping & (radii[:i] > half)  # (i,)
+    new_radius = float(torch.where(overlapping, half, radii[i].expand_as(half)).min())
+    if cut_by is not None:
+        for j in torch.nonzero(cut_earlier).flatten().tolist():
+            cut_by[j].append(i)
+        if new_radius < float(radii[i]):
+            cut_by[i].extend(torch.nonzero(overlapping & (half < radii[i])).flatten().tolist())
+    radii[:i] = torch.where(cut_earlier, half, radii[:i])
+    radii[i] = min(float(radii[i]), new_radius)

@@ -172,3 +172,15 @@ def test_fact_validation():
     assert (fact.question, fact.answer, fact.rephrases) == ("what is it?", "Kitty", ("what's it?",))
     assert fact.negatives == (Negative(question="x?"),)
     assert normalise_answer("  Aqua   MARINE ") == "aqua marine"
+
+
+def test_incremental_arrivals_equal_a_full_replay():
+    generator = torch.Generator().manual_seed(3)
+    book = Codebook(SPEC)
+    for i in range(40):
+        x, y = (torch.rand(2, generator=generator) * 4).tolist()
+        book.add(entry(f"e{i}", x, y, 0.3 + (i % 5) * 0.2, ["cat", "dog", "cow"][i % 3]))
+    replayed = Codebook(SPEC, {}, list(book.entries))
+    assert torch.equal(replayed.radii, book.radii)
+    assert replayed.cut_by == book.cut_by
+    assert float(book.radii.min()) < 0.3  # the sample really exercised the split rule
