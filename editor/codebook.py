@@ -234,3 +234,21 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     if "kb_codebook" not in meta:
         raise IncompatibleCodebookError("safetensors bytes carry no kb-daemon codebook header")
     return meta
+
+
+def entry_tensors_to_bytes(entry: Entry) -> bytes:
+    """An entry's key and values as safetensors bytes (the daemon stores each entry once)."""
+    return save_safetensors({"key": entry.key.contiguous(), "values": entry.values.contiguous()})
+
+
+def entry_from_bytes(
+    data: bytes, fact_id: str, answer: str, input_id: str, base_radius: float
+) -> Entry:
+    """Inverse of `entry_tensors_to_bytes`, with the fields stored beside the bytes."""
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:  # safetensors raises several types for damaged input
+        raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} are unreadable: {exc}") from exc
+    if set(tensors) != {"key", "values"}:
+        raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} hold {sorted(tensors)}")
+    return Entry(fact_id, answer, input_id, tensors["key"], tensors["values"], base_radius)

@@ -90,3 +90,18 @@ def image(colour: tuple[int, int, int], shape: str = "square") -> Image.Image:
 
 def needs_image(family: str) -> bool:
     return family.startswith(("llava", "blip2"))
+
+
+def save(family: str, directory, seed: int = 0):
+    """Write a tiny model of `family` as a model directory that `load_backbone(path)` loads."""
+    import json
+    from pathlib import Path
+
+    backbone = build(family, seed)
+    directory = Path(directory)
+    backbone.model.save_pretrained(directory)
+    backbone.processor.save_pretrained(directory)
+    settings = {"format_version": 1, "prompt_template": backbone.prompt_template,
+                "answer_prefix": backbone.answer_prefix}
+    (directory / "kb_backbone.json").write_text(json.dumps(settings))
+    return directory

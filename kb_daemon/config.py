@@ -1,0 +1,74 @@
+"""Settings: where data lives and how to reach the database and the broker. Read from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kb_daemon.errors import InvalidInput
+
+DEFAULT_MODEL = "demo"
+
+
+def default_home() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("kb-daemon", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths and URLs; method knobs live with each registered model, not here."""
+
+    home: Path
+    database_url: str
+    broker_url: str
+    # A job's lease: a worker that stops renewing it for this long is presumed dead.
+    lease_seconds: float = 30.0
+    # How often a running job renews its lease, and how often the reaper runs.
+    heartbeat_seconds: float = 5.0
+    reaper_seconds: float = 15.0
+    # Broker polling interval of the worker (latency from submit to start).
+    polling_seconds: float = 0.25
+    # Nightly ingestion: crontab fields "minute hour day_of_month month day_of_week".
+    ingest_schedule: str = "0 2 * * *"
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 16_000_000
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        home = Path(env.get("KB_HOME") or default_home()).expanduser().resolve()
+        database_url = env.get("KB_DATABASE_URL") or f"sqlite:///{home / 'kb.sqlite3'}"
+        broker_url = env.get("KB_BROKER_URL") or f"sqla+sqlite:///{home / 'broker.sqlite3'}"
+        settings = cls(home=home, database_url=database_url, broker_url=broker_url)
+        overrides: dict[str, object] = {}
+        for name, key in (("lease_seconds", "KB_LEASE_SECONDS"), ("heartbeat_seconds", "KB_HEARTBEAT_SECONDS"),
+                          ("reaper_seconds", "KB_REAPER_SECONDS"), ("polling_seconds", "KB_POLLING_SECONDS")):
+            if env.get(key):
+                try:
+                    overrides[name] = float(env[key])
+                except ValueError as exc:
+                    raise InvalidInput(f"{key} must be a number of seconds, got {env[key]!r}") from exc
+        if env.get("KB_INGEST_SCHEDULE"):
+            overrides["ingest_schedule"] = env["KB_INGEST_SCHEDULE"]
+        return replace(settings, **overrides) if overrides else settings
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced by '***', for logs and messages."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    scheme, sep, rest = url.partition("+") if url.startswith("sqla+") else ("", "", url)
+    try:
+        parsed = make_url(rest)
+    except ArgumentError:
+        return "<unparseable url>"
+    shown = parsed.render_as_string(hide_password=True)
+    return f"{scheme}{sep}{shown}" if sep else shown

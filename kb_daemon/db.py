@@ -1,0 +1,127 @@
+"""Engine, sessions and migrations. One `Database` per process; sessions opened at the boundary."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+
+from kb_daemon.config import Settings, redact
+from kb_daemon.errors import KbError
+
+logger = logging.getLogger(__name__)
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class SchemaOutOfDate(KbError):
+    pass
+
+
+class DatabaseUnavailable(KbError):
+    pass
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" below issue BEGIN IMMEDIATE: every transaction takes the
+            # write lock up front, so two writers never deadlock upgrading a read lock.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Database:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if settings.is_sqlite:
+            settings.home.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(settings.database_url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: commits on success, rolls back on any error."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except OperationalError as exc:
+                session.rollback()
+                raise DatabaseUnavailable(
+                    f"database {redact(self.settings.database_url)} is unavailable: "
+                    f"{str(exc.orig).splitlines()[0] if exc.orig else exc}"
+                ) from exc
+            except BaseException:
+                session.rollback()
+                raise
+
+    def alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.attributes["engine"] = self.engine
+        return config
+
+    def upgrade(self) -> None:
+        from alembic import command
+
+        command.upgrade(self.alembic_config(), "head")
+
+    def current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as connection:
+                return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError) as exc:
+            message = str(exc.orig).lower() if exc.orig else ""
+            if "no such table" in message or "does not exist" in message:
+                return None
+            raise DatabaseUnavailable(
+                f"database {redact(self.settings.database_url)} is unavailable: {str(exc.orig).splitlines()[0]}"
+            ) from exc
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+        assert head is not None
+        return head
+
+    def check_schema(self) -> None:
+        """Refuse to run against a database whose schema is not the one this code expects."""
+        current, head = self.current_revision(), self.head_revision()
+        if current is None:
+            raise SchemaOutOfDate(
+                f"database {redact(self.settings.database_url)} has no kb-daemon schema; run `kbctl init`"
+            )
+        if current != head:
+            raise SchemaOutOfDate(
+                f"database schema is at revision {current}, this code needs {head}; run `kbctl db upgrade`"
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def exists(session: Session, statement: Any) -> bool:
+    return session.execute(select(statement.exists())).scalar() is True

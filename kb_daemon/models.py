@@ -1,0 +1,174 @@
+"""Database schema (SQLAlchemy 2). Alembic migrations in migrations/ are the only way it is created."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes even for timezone-aware columns; they are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Model(Base):
+    """A registered base model and how it is edited."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    layer: Mapped[str | None] = mapped_column(Text)
+    hparams: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reference_pool: Mapped[str | None] = mapped_column(Text)  # "easy-vqa" or a JSON Lines file
+    canary_path: Mapped[str | None] = mapped_column(Text)
+    canary_max_changed: Mapped[float] = mapped_column(Float, default=0.0)
+    ingest_source: Mapped[str | None] = mapped_column(Text)  # what the nightly batch reads
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # codebook spec, set by the first worker
+    head_version: Mapped[int] = mapped_column(Integer, default=0)
+    next_job_seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_worker: Mapped[str | None] = mapped_column(String(200))
+    last_worker_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Blob(Base):
+    """Content-addressed bytes: images of facts and codebook entry tensors (safetensors)."""
+
+    __tablename__ = "blobs"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Fact(Base):
+    """The ledger: every fact ever submitted, who sent it, from where, and what became of it."""
+
+    __tablename__ = "facts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    key: Mapped[str | None] = mapped_column(String(200))  # stable key from an ingestion source
+    image_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    rephrases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    negatives: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    source: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # pending -> applied -> superseded | retracted | rolled_back ; or failed
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    entered_version: Mapped[int | None] = mapped_column(Integer)
+    left_version: Mapped[int | None] = mapped_column(Integer)
+    superseded_by: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_facts_model_key", "model_id", "key"),)
+
+
+class Entry(Base):
+    """A codebook entry; its tensors live once in a blob and are shared by every version."""
+
+    __tablename__ = "entries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # creation order = codebook order
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    fact_id: Mapped[str] = mapped_column(ForeignKey("facts.id"), unique=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    answer: Mapped[str] = mapped_column(Text)  # normalised
+    input_id: Mapped[str] = mapped_column(String(64))
+    base_radius: Mapped[float] = mapped_column(Float)
+
+
+class EntrySpan(Base):
+    """Entry `entry_id` belongs to versions from_version <= v < to_version (open when NULL)."""
+
+    __tablename__ = "entry_spans"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"))
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int | None] = mapped_column(Integer)
+    __table_args__ = (Index("ix_entry_spans_model_versions", "model_id", "from_version", "to_version"),)
+
+
+class Version(Base):
+    """A numbered knowledge state of one model. History is never rewritten."""
+
+    __tablename__ = "versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(20))  # init, edit, retract, rollback, batch
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    num_entries: Mapped[int] = mapped_column(Integer, default=0)
+    held: Mapped[bool] = mapped_column(Boolean, default=False)
+    actor: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_versions_model_number"),)
+
+
+class Job(Base):
+    """The queue of record. Celery messages only say that a model has work waiting."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    seq: Mapped[int] = mapped_column(Integer)  # per-model order of execution
+    kind: Mapped[str] = mapped_column(String(20))  # edit, retract, rollback, batch
+    # queued -> running -> done | failed | held
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("model_id", "seq", name="uq_jobs_model_seq"),
+        Index("ix_jobs_model_status", "model_id", "status"),
+    )

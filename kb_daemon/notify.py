@@ -1,0 +1,71 @@
+"""Task names, queues and the Celery configuration; signals go out only after a commit.
+
+A Celery message carries no work, only "model X has jobs waiting": losing one delays work until
+the reaper re-signals, and a duplicate finds nothing to claim.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kb_daemon.config import Settings, redact
+
+logger = logging.getLogger(__name__)
+
+PROCESS_MODEL = "kb.process_model"
+REAP = "kb.reap"
+INGEST_NIGHTLY = "kb.ingest_nightly"
+PING = "kb.ping"
+MAINTENANCE_QUEUE = "kb.maintenance"
+
+
+def model_queue(model_name: str) -> str:
+    return f"kb.model.{model_name}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": False,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": MAINTENANCE_QUEUE,
+    }
+
+
+def make_sender(settings: Settings) -> Any:
+    from celery import Celery
+
+    app = Celery("kb-daemon-client")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def signal_model(settings: Settings, model_name: str, app: Any = None) -> bool:
+    """Tell the model's worker that jobs are waiting. Failure is logged, not raised."""
+    try:
+        sender = app or make_sender(settings)
+        sender.send_task(PROCESS_MODEL, args=[model_name], queue=model_queue(model_name))
+        return True
+    except Exception as exc:  # noqa: BLE001  (the reaper re-signals; the job is already recorded)
+        logger.warning("could not signal the worker of %r through %s (%s); the reaper will retry",
+                       model_name, redact(settings.broker_url), type(exc).__name__)
+        return False
+
+
+def prepare_broker(settings: Settings) -> None:
+    """Create kombu's tables once, before workers start (concurrent creation races on PostgreSQL)."""
+    if settings.broker_url.startswith("sqla+sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    sender = make_sender(settings)
+    with sender.connection_for_write() as connection:
+        channel = connection.default_channel
+        getattr(channel, "session", None)  # the SQL transport creates its tables on first use

@@ -1,0 +1,234 @@
+"""Versioned codebook snapshots: content-addressed blobs, entries shared by versions, spans.
+
+An entry's tensors are stored once (a blob named by its SHA-256) however many versions hold it.
+Which entries a version holds is recorded as spans: entry e is in every version v with
+from_version <= v < to_version. A new version only opens and closes spans for what changed, so
+storage grows with the changes, not with the length of the history. A version's codebook is its
+entries in creation order; the effective radii are replayed from them by the editor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from kb_daemon.errors import Conflict, KbError, NotFound
+from kb_daemon.models import Blob, Entry, EntrySpan, Model, Version
+
+if TYPE_CHECKING:  # pragma: no cover
+    import editor
+
+
+class CorruptBlob(KbError):
+    pass
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_blob(session: Session, data: bytes, kind: str) -> str:
+    digest = sha256(data)
+    if session.get(Blob, digest) is None:
+        session.add(Blob(sha256=digest, kind=kind, size=len(data), data=data))
+        session.flush()
+    return digest
+
+
+def get_blob(session: Session, digest: str, what: str) -> bytes:
+    blob = session.get(Blob, digest)
+    if blob is None:
+        raise NotFound(f"{what}: blob {digest[:12]} is missing from the database")
+    data = bytes(blob.data)
+    if sha256(data) != digest:
+        raise CorruptBlob(f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted)")
+    return data
+
+
+def get_version(session: Session, model: Model, number: int) -> Version:
+    version = session.execute(
+        select(Version).where(Version.model_id == model.id, Version.number == number)
+    ).scalar_one_or_none()
+    if version is None:
+        latest = session.execute(
+            select(Version.number).where(Version.model_id == model.id).order_by(Version.number.desc())
+        ).scalars().first()
+        raise NotFound(f"model {model.name!r} has no version {number} (versions 0..{latest})")
+    return version
+
+
+def entries_at(session: Session, model: Model, number: int) -> list[Entry]:
+    """The entries of version `number`, in codebook order."""
+    rows = session.execute(
+        select(Entry)
+        .join(EntrySpan, EntrySpan.entry_id == Entry.id)
+        .where(
+            EntrySpan.model_id == model.id,
+            EntrySpan.from_version <= number,
+            or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number),
+        )
+        .order_by(Entry.id)
+    ).scalars()
+    return list(rows)
+
+
+def content_hash(entries: Sequence[Entry]) -> str:
+    """Equal for versions with the same entries in the same order (a rollback and its target)."""
+    record = [[e.fact_id, e.blob_sha256, e.base_radius] for e in entries]
+    return sha256(json.dumps(record).encode())
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    number: int
+    added: list[str]
+    removed: list[str]
+
+
+def commit_version(
+    session: Session,
+    model: Model,
+    *,
+    parent: int,
+    kind: str,
+    entries: Sequence[Entry],
+    actor: str,
+    source: str,
+    job_id: int | None,
+    summary: dict[str, Any],
+    held: bool = False,
+) -> Version:
+    """Record the next version of `model` holding exactly `entries`; make it head unless held.
+
+    The caller holds the model's lock (see queue.lock_model) and commits the session.
+    """
+    number = (session.execute(
+        select(Version.number).where(Version.model_id == model.id).order_by(Version.number.desc())
+    ).scalars().first() or 0) + 1
+    wanted = {e.id for e in entries}
+    open_spans = list(session.execute(
+        select(EntrySpan).where(EntrySpan.model_id == model.id, EntrySpan.to_version.is_(None))
+    ).scalars())
+    open_ids = {span.entry_id for span in open_spans}
+    for span in open_spans:
+        if span.entry_id not in wanted:
+            span.to_version = number
+    for entry_id in sorted(wanted - open_ids):
+        session.add(EntrySpan(model_id=model.id, entry_id=entry_id, from_version=number, to_version=None))
+    parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
+    fact_of = {e.id: e.fact_id for e in entries}
+    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - wanted))).scalars()
+    summary = {
+        "added": [fact_of[i] for i in sorted(wanted - parent_ids)],
+        "removed": sorted(removed_rows),
+        **summary,
+    }
+    version = Version(
+        model_id=model.id, number=number, parent=parent, kind=kind, summary=summary,
+        content_sha256=content_hash(sorted(entries, key=lambda e: e.id)),
+        num_entries=len(entries), held=held, actor=actor, source=source, job_id=job_id,
+    )
+    session.add(version)
+    if not held:
+        model.head_version = number
+    session.flush()
+    return version
+
+
+def create_initial_version(session: Session, model: Model, actor: str, source: str) -> Version:
+    version = Version(
+        model_id=model.id, number=0, parent=None, kind="init", summary={"added": [], "removed": []},
+        content_sha256=content_hash([]), num_entries=0, held=False, actor=actor, source=source,
+    )
+    session.add(version)
+    model.head_version = 0
+    session.flush()
+    return version
+
+
+def store_entry(session: Session, model: Model, entry: editor.codebook.Entry) -> Entry:
+    """Persist one editor entry (tensors as a content-addressed blob) and return its row."""
+    from editor.codebook import entry_tensors_to_bytes
+
+    digest = put_blob(session, entry_tensors_to_bytes(entry), "entry")
+    row = Entry(model_id=model.id, fact_id=entry.fact_id, blob_sha256=digest, answer=entry.answer,
+                input_id=entry.input_id, base_radius=entry.base_radius)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def entry_rows_for(session: Session, model: Model, fact_ids: Sequence[str]) -> list[Entry]:
+    rows = {e.fact_id: e for e in session.execute(
+        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(list(fact_ids)))
+    ).scalars()}
+    missing = [f for f in fact_ids if f not in rows]
+    if missing:
+        raise NotFound(f"no stored entry for fact(s) {', '.join(missing)}")
+    return [rows[f] for f in fact_ids]
+
+
+def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
+    """The codebook of version `number`, every blob checked against its SHA-256."""
+    from editor.codebook import Codebook, CodebookSpec, entry_from_bytes
+
+    get_version(session, model, number)
+    if model.spec is None:
+        raise KbError(f"model {model.name!r} has never been loaded by a worker; start `kbctl worker`")
+    entries = []
+    for row in entries_at(session, model, number):
+        data = get_blob(session, row.blob_sha256, f"version {number} of model {model.name!r}")
+        entries.append(entry_from_bytes(data, row.fact_id, row.answer, row.input_id, row.base_radius))
+    return Codebook(CodebookSpec(**model.spec), dict(model.hparams), entries)
+
+
+def set_spec(session: Session, model: Model, spec: dict[str, Any]) -> None:
+    """Record the codebook spec the first time a worker loads the model; refuse a changed model."""
+    if model.spec is None:
+        session.execute(update(Model).where(and_(Model.id == model.id, Model.spec.is_(None)))
+                        .values(spec=spec))
+        model.spec = spec
+        return
+    if model.spec != spec:
+        changed = [k for k in spec if model.spec.get(k) != spec[k]]
+        raise KbError(
+            f"model {model.name!r} at {model.path} no longer matches its stored codebooks "
+            f"({', '.join(changed)} changed); register the new weights as another model"
+        )
+
+
+def promote_version(session: Session, model: Model, number: int, actor: str) -> Version:
+    """Make a held version the head (the caller holds the model lock)."""
+    from kb_daemon.models import Fact, Job
+
+    version = get_version(session, model, number)
+    if not version.held:
+        raise Conflict(f"version {number} of model {model.name!r} is not held; nothing to promote")
+    if model.head_version != version.parent:
+        raise Conflict(
+            f"the head moved to version {model.head_version} after version {number} was held; "
+            f"use `kbctl rollback {number}` to make its content the head"
+        )
+    version.held = False
+    version.summary = {**version.summary, "promoted_by": actor}
+    model.head_version = number
+    for fact_id, status in version.summary.get("ledger", {}).items():
+        fact = session.get(Fact, fact_id)
+        if fact is not None:
+            fact.status = status
+            if status == "applied":
+                fact.entered_version, fact.left_version = number, None
+            else:
+                fact.left_version = number
+    if version.job_id is not None:
+        job = session.get(Job, version.job_id)
+        if job is not None and job.status == "held":
+            job.status = "done"
+    session.flush()
+    return version

@@ -1,0 +1,39 @@
+"""Alembic environment: URL from kb-daemon settings, batch mode on SQLite, broker tables ignored."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from kb_daemon.models import Base
+
+config = context.config
+
+
+def include_name(name: str | None, type_: str, _parent: object) -> bool:
+    # Celery's broker and result tables share the database; they are not ours to migrate.
+    if type_ == "table" and name and name.startswith(("kombu_", "celery_")):
+        return False
+    return True
+
+
+def run() -> None:
+    engine = config.attributes.get("engine")
+    if engine is None:
+        from kb_daemon.config import Settings
+        from kb_daemon.db import make_engine
+
+        engine = make_engine(Settings.from_env().database_url)
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+            include_name=include_name,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+run()

@@ -1,0 +1,1 @@
+"""Celery workers: one per GPU and model, applying that model's jobs strictly in order."""

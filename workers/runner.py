@@ -1,0 +1,308 @@
+"""Claim, apply, store, commit: the work of a worker as plain functions (no Celery here).
+
+Each job is claimed under the model's lock with a lease, computed outside any transaction while a
+heartbeat renews the lease, and committed in one transaction that also checks the lease is still
+ours and that the head is the one the result was computed from. A crash anywhere leaves the old
+head or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from editor.errors import EditorError
+from kb_daemon.config import Settings
+from kb_daemon.db import Database, DatabaseUnavailable
+from kb_daemon.errors import Conflict, InvalidInput, KbError
+from kb_daemon.models import Fact, Job, Model, utcnow
+from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
+from kb_daemon.runtime import ModelRuntime, open_image
+from kb_daemon.snapshots import commit_version, entry_rows_for, materialise, store_entry
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Renews a job's lease in the background while the job runs."""
+
+    def __init__(self, db: Database, job_id: int, worker: str, settings: Settings) -> None:
+        self._db, self._job_id, self._worker, self._settings = db, job_id, worker, settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.heartbeat_seconds):
+            try:
+                with self._db.session() as session:
+                    if not renew_lease(session, self._job_id, self._worker, self._settings.lease_seconds):
+                        return
+            except Exception as exc:  # noqa: BLE001  (the commit re-checks the lease anyway)
+                logger.warning("could not renew the lease of job %d: %s", self._job_id, exc)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Change:
+    """What a job did to the in-memory codebook, to be recorded in one transaction."""
+
+    kind: str
+    applied: list[str] = field(default_factory=list)
+    superseded: dict[str, str] = field(default_factory=dict)  # old fact id -> new fact id
+    retracted: list[str] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    held: bool = False
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+RuntimeFor = Callable[[Model], ModelRuntime]
+
+
+def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: str,
+                settings: Settings) -> list[dict[str, Any]]:
+    """Apply the model's queued jobs in order until none is left; return one outcome per job."""
+    outcomes: list[dict[str, Any]] = []
+    while True:
+        with db.session() as session:
+            model = get_model(session, model_name)
+            job = claim_next_job(session, model, worker, settings.lease_seconds)
+            if job is None:
+                return outcomes
+            job_id, kind = job.id, job.kind
+        logger.info("job %d (%s) of %s claimed by %s", job_id, kind, model_name, worker)
+        started = time.perf_counter()
+        with Heartbeat(db, job_id, worker, settings):
+            outcome = _run_one(db, runtime_for, model_name, job_id, worker)
+        outcome["seconds"] = round(time.perf_counter() - started, 3)
+        logger.info("job %d finished: %s", job_id, outcome)
+        outcomes.append(outcome)
+
+
+def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int, worker: str) -> dict[str, Any]:
+    runtime: ModelRuntime | None = None
+    try:
+        # Short transactions only: on SQLite each one holds the database's write lock.
+        with db.session() as session:
+            model = get_model(session, model_name)
+        runtime = runtime_for(model)  # loads the model once per process, outside any transaction
+        with db.session() as session:
+            model = get_model(session, model_name)
+            runtime.check_spec(session, model)
+            head = model.head_version
+            runtime.use_version(session, model, head)
+            job = session.get(Job, job_id)
+            assert job is not None
+        change = execute(db, runtime, model, job)
+        return commit(db, runtime, model_name, job_id, worker, head, change)
+    except DatabaseUnavailable:
+        # Nothing was stored; the lease lapses and the job runs again once the database is back.
+        if runtime is not None:
+            runtime.invalidate()
+        raise
+    except Conflict as exc:
+        if runtime is not None:
+            runtime.invalidate()
+        release(db, job_id, worker)
+        logger.warning("job %d: %s", job_id, exc)
+        return {"job_id": job_id, "status": "conflict", "error": str(exc)}
+    except (KbError, EditorError, ValueError) as exc:
+        if runtime is not None:
+            runtime.invalidate()
+        record_failure(db, job_id, worker, str(exc))
+        return {"job_id": job_id, "status": "failed", "error": str(exc)}
+
+
+def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job) -> Change:
+    """Apply the job to the runtime's in-memory codebook; the database is only read."""
+    ed = runtime.editor
+    change = Change(job.kind)
+    if job.kind == "edit":
+        _apply_fact(db, runtime, change, job.payload["fact_id"])
+    elif job.kind == "retract":
+        _retract(runtime, change, job.payload["fact_id"])
+    elif job.kind == "rollback":
+        with db.session() as session:
+            codebook = materialise(session, model, int(job.payload["version"]))
+        ed.load_codebook(codebook)
+        change.result["rolled_back_to"] = int(job.payload["version"])
+    elif job.kind == "batch":
+        sources = canaries_source(model.canary_path)
+        canaries = load_canaries(model.canary_path)
+        before = [a.text for a in ed.answers(canaries)] if canaries else []
+        fact_ids = list(job.payload.get("facts", []))
+        retracts = list(job.payload.get("retract", []))
+        total = len(fact_ids) + len(retracts)
+        for done, fact_id in enumerate(fact_ids, 1):
+            _apply_fact(db, runtime, change, fact_id)
+            _progress(db, job.id, done, total)
+        for done, fact_id in enumerate(retracts, len(fact_ids) + 1):
+            _retract(runtime, change, fact_id)
+            _progress(db, job.id, done, total)
+        if canaries:
+            after = [a.text for a in ed.answers(canaries)]
+            broken = [{"image": image, "question": question, "before": b, "after": a}
+                      for (image, question), b, a in zip(sources, before, after) if a != b]
+            change.result["canaries"] = {"total": len(canaries), "changed": len(broken), "broken": broken}
+            change.held = len(broken) / len(canaries) > model.canary_max_changed
+    else:
+        raise InvalidInput(f"unknown job kind {job.kind!r}")
+    return change
+
+
+def _progress(db: Database, job_id: int, done: int, total: int) -> None:
+    with db.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(progress_done=done, progress_total=total))
+    logger.info("job %d: %d/%d", job_id, done, total)
+
+
+def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: str) -> None:
+    with db.session() as session:
+        fact = session.get(Fact, fact_id)
+        if fact is None:
+            raise InvalidInput(f"job names unknown fact {fact_id!r}")
+        editor_fact = runtime.to_editor_fact(session, fact)
+    report = runtime.editor.apply(editor_fact)
+    change.applied.append(fact_id)
+    for old in report.superseded:
+        change.superseded[old] = fact_id
+    change.reports.append(report.to_dict())
+
+
+def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:
+    if fact_id not in runtime.editor.codebook.fact_ids:
+        raise InvalidInput(f"fact {fact_id} is not in the head version; nothing to retract")
+    runtime.editor.retract(fact_id)
+    change.retracted.append(fact_id)
+
+
+def canaries_source(path: str | None) -> list[tuple[str | None, str]]:
+    if not path:
+        return []
+    source = Path(path)
+    items = []
+    for number, line in enumerate(source.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            items.append((record.get("image"), str(record["question"])))
+        except (ValueError, KeyError) as exc:
+            raise InvalidInput(f"{source}:{number}: bad canary line ({exc})") from exc
+    return items
+
+
+def load_canaries(path: str | None) -> list[tuple[Any, str]]:
+    """Canary inputs (edit-case `loc` style JSON Lines; images relative to the file)."""
+    if not path:
+        return []
+    root = Path(path).parent
+    return [(open_image((root / image).read_bytes()) if image else None, question)
+            for image, question in canaries_source(path)]
+
+
+def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, worker: str, head: int,
+           change: Change) -> dict[str, Any]:
+    """Record the job's result as the next version, in one transaction."""
+    codebook = runtime.editor.codebook
+    with db.session() as session:
+        model = get_model(session, model_name)
+        model = lock_model(session, model.id)
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert_lease(session, job, worker)
+        if model.head_version != head:
+            raise Conflict(f"head moved from {head} to {model.head_version} while job {job_id} ran; it will rerun")
+        stored = {row.fact_id for row in entry_rows_for_existing(session, model, codebook.fact_ids)}
+        for entry in codebook.entries:
+            if entry.fact_id not in stored:
+                store_entry(session, model, entry)
+        rows = entry_rows_for(session, model, codebook.fact_ids)
+        version = commit_version(
+            session, model, parent=head, kind=change.kind, entries=rows, actor=job.actor, source=job.source,
+            job_id=job.id, summary={"job": job.id, **({"canaries": change.result["canaries"]}
+                                                      if "canaries" in change.result else {})},
+            held=change.held,
+        )
+        _update_ledger(session, version, change)
+        now = utcnow()
+        job.status = "held" if change.held else "done"
+        job.result = {"version": version.number, "reports": change.reports, **change.result}
+        job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
+        number = version.number
+    runtime.version = None if change.held else number
+    return {"job_id": job_id, "status": "held" if change.held else "done", "version": number}
+
+
+def entry_rows_for_existing(session: Any, model: Model, fact_ids: list[str]) -> list[Any]:
+    from kb_daemon.models import Entry
+
+    return list(session.execute(
+        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(fact_ids))
+    ).scalars())
+
+
+def _update_ledger(session: Any, version: Any, change: Change) -> None:
+    """Fact statuses after a version; for a held version they are kept for `kbctl promote`."""
+    added, removed = set(version.summary["added"]), set(version.summary["removed"])
+    statuses: dict[str, str] = {fact_id: "applied" for fact_id in added}
+    for fact_id in removed:
+        if fact_id in change.superseded:
+            statuses[fact_id] = "superseded"
+        elif fact_id in change.retracted:
+            statuses[fact_id] = "retracted"
+        else:
+            statuses[fact_id] = "rolled_back"
+    for fact_id in set(change.applied) - added:  # applied, then superseded within the same batch
+        statuses[fact_id] = "superseded"
+    if change.held:
+        version.summary = {**version.summary, "ledger": statuses}
+        for fact_id in added:
+            session.get(Fact, fact_id).status = "held"
+        return
+    for fact_id, status in statuses.items():
+        fact = session.get(Fact, fact_id)
+        fact.status, fact.error = status, None
+        if status == "applied":
+            fact.entered_version, fact.left_version = version.number, None
+        elif fact_id in removed:
+            fact.left_version = version.number
+        if status == "superseded":
+            fact.superseded_by = change.superseded.get(fact_id)
+
+
+def record_failure(db: Database, job_id: int, worker: str, message: str) -> None:
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.lease_owner != worker:
+            return
+        job.status, job.error, job.finished_at = "failed", message, utcnow()
+        job.lease_owner, job.lease_expires_at = None, None
+        fact_id = job.payload.get("fact_id") if job.kind == "edit" else None
+        if fact_id:
+            fact = session.get(Fact, fact_id)
+            if fact is not None and fact.status == "pending":
+                fact.status, fact.error = "failed", message
+
+
+def release(db: Database, job_id: int, worker: str) -> None:
+    """Give a job back to the queue (its result was computed on a stale head)."""
+    with db.session() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == "running")
+            .values(status="queued", lease_owner=None, lease_expires_at=None)
+        )
