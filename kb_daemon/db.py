@@ -29,6 +29,11 @@ class DatabaseUnavailable(KbError):
     pass
 
 
+def include_name(name: str | None, type_: str, _parent: object) -> bool:
+    """Alembic filter: Celery's broker and result tables share the database but are not ours."""
+    return not (type_ == "table" and name and name.startswith(("kombu_", "celery_")))
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from alembic import context
 
+from kb_daemon.db import include_name
 from kb_daemon.models import Base
 
 config = context.config
-
-
-def include_name(name: str | None, type_: str, _parent: object) -> bool:
-    # Celery's broker and result tables share the database; they are not ours to migrate.
-    if type_ == "table" and name and name.startswith(("kombu_", "celery_")):
-        return False
-    return True
 
 
 def run() -> None:
