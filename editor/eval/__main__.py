@@ -1,0 +1,68 @@
+"""`python -m editor.eval`: build the easy-VQA development file, or convert MMEdit / OKEDIT records.
+
+python -m editor.eval build-easyvqa --out bench/dev [--seed 0] [--pool-size 200]
+python -m editor.eval convert-mmedit RECORDS.json --image-root COCO --out cases/evqa.jsonl
+python -m editor.eval convert-okedit RECORDS.json --image-root DIR --out cases/okedit.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from editor.errors import EditorError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m editor.eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build-easyvqa", help="cases + reference pool from the easy-VQA TRAIN split")
+    build.add_argument(
+        "--out", type=Path, required=True, help="folder for cases.jsonl, reference_pool.jsonl, img/"
+    )
+    from editor.eval.easyvqa import BuildConfig
+
+    for field in dataclasses.fields(BuildConfig):
+        build.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
+    for name in ("mmedit", "okedit"):
+        convert = commands.add_parser(f"convert-{name}", help=f"{name} records -> the case format")
+        convert.add_argument("records", type=Path)
+        convert.add_argument(
+            "--image-root", type=Path, required=True, help="folder the records' image paths start from"
+        )
+        convert.add_argument(
+            "--rephrase-root", type=Path, help="folder of the rephrased images (default: image root)"
+        )
+        convert.add_argument("--out", type=Path, required=True)
+        convert.add_argument(
+            "--text-loc", action="store_true", help="keep text-only loc probes (text models)"
+        )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build-easyvqa":
+            from editor.eval.easyvqa import build_case_files
+
+            config = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+            summary = build_case_files(args.out, config)
+            print(json.dumps({k: v for k, v in summary.items() if k != "facts"}, indent=2))
+            return 0
+        from editor.eval.cases import write_cases
+        from editor.eval.readers import read_mmedit_evqa, read_okedit
+
+        reader = read_mmedit_evqa if args.command == "convert-mmedit" else read_okedit
+        cases = reader(
+            args.records, args.image_root, rephrase_root=args.rephrase_root, text_loc=args.text_loc
+        )
+        write_cases(cases, args.out)
+        print(f"{len(cases)} cases -> {args.out}")
+        return 0
+    except EditorError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

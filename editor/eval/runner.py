@@ -1,0 +1,358 @@
+"""`run_eval`: apply the cases of a file with one method and score them.
+
+Independent mode (the paper's protocol): before each case the method is reset to the unedited
+model (a fresh codebook, the original weights, an empty context), the case's fact is applied, and
+the case is scored. Sequential mode: every fact is applied in file order to one model, and every
+case is scored at the end; the curve scores the cases applied so far every `curve_every` edits.
+
+The unedited model's answers on the loc probes (the Loc reference) are read once, before the
+method touches the model. Only `case.fact` is ever handed to the method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from editor.backbones import Backbone, load_backbone, load_image
+from editor.eval.cases import PROBE_KINDS, EditCase, Probe, load_cases, load_reference_pool
+from editor.eval.errors import EvalError
+from editor.eval.hparams import CODEBOOK_METHODS, MethodSettings, settings_for
+from editor.eval.methods import CodebookMethod, EditMethod
+from editor.eval.metrics import (
+    FLAVOURS,
+    KIND_TO_METRIC,
+    METRICS,
+    TOP_K,
+    aggregate,
+    mean,
+    rank_agreement,
+    same_answer,
+    token_accuracy,
+)
+from editor.eval.readout import Readout
+from editor.fact import Fact, Negative
+from editor.samples import ReferenceItem
+
+logger = logging.getLogger(__name__)
+
+POOL_FILE = "reference_pool.jsonl"
+REPORT_FORMAT_VERSION = 1
+Progress = Callable[[str], None]
+
+
+class ImageCache:
+    """Images by path, opened once (RGB) and kept while the run needs them."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._open = lru_cache(maxsize=size)(load_image)
+
+    def __call__(self, path: Path | None) -> Image.Image | None:
+        return None if path is None else self._open(path)
+
+
+class LocReference:
+    """The unedited model's greedy answer and top-k tokens on each loc probe."""
+
+    def __init__(
+        self, readout: Readout, backbone: Backbone, probes: Sequence[Probe], images: ImageCache
+    ) -> None:
+        unique = list(dict.fromkeys((p.image, p.question) for p in probes))
+        queries = [backbone.query(images(image), question) for image, question in unique]
+        answers = [g.text for g in readout.generate(queries)] if queries else []
+        ranked = readout.ranked(queries, answers, TOP_K) if queries else []
+        self._by_input = {
+            key: (answer, top) for key, answer, top in zip(unique, answers, ranked, strict=True)
+        }
+
+    def answer(self, probe: Probe) -> str:
+        return self._by_input[(probe.image, probe.question)][0]
+
+    def ranked(self, probe: Probe) -> torch.Tensor:
+        return self._by_input[(probe.image, probe.question)][1]
+
+
+def to_fact(case: EditCase, images: ImageCache) -> Fact:
+    """The only thing a method sees of a case."""
+    spec = case.fact
+    return Fact(
+        images(spec.image),
+        spec.question,
+        spec.answer,
+        rephrases=spec.rephrases,
+        negatives=tuple(Negative(image=images(n.image), question=n.question) for n in spec.negatives),
+        fact_id=case.case_id,
+    )
+
+
+def score_case(
+    method: EditMethod, case: EditCase, reference: LocReference, images: ImageCache, readout: Readout
+) -> dict[str, Any]:
+    """Scores of one case under the method's current state: per probe and per metric, both flavours."""
+    probes = [(kind, probe) for kind in PROBE_KINDS for probe in case.probes(kind)]
+    if not probes:
+        empty: dict[str, Any] = {f: {m: None for m in METRICS} for f in FLAVOURS}
+        return {**empty, "probes": []}
+    inputs = [(images(p.image), p.question) for _, p in probes]
+    targets = [reference.answer(p) if kind == "loc" else str(p.answer) for kind, p in probes]
+    generated = method.generate(inputs)
+    ranked = method.ranked(inputs, targets, TOP_K)
+    nearest_of = getattr(method, "nearest", None)
+    nearest = nearest_of(inputs) if callable(nearest_of) else [{} for _ in inputs]
+    rows = []
+    for (kind, probe), target, answer, top, near in zip(
+        probes, targets, generated, ranked, nearest, strict=True
+    ):
+        if kind == "loc":
+            token = rank_agreement(top, reference.ranked(probe))
+        else:
+            token = token_accuracy(top[:, 0], readout.target_ids(target))
+        row: dict[str, Any] = {
+            "kind": kind,
+            "image": None if probe.image is None else probe.image.name,
+            "question": probe.question,
+            "target": target,
+            "prediction": answer.text,
+            "exact": same_answer(answer.text, target),
+            "token": token,
+        }
+        if answer.fired is not None:
+            row["fired"] = answer.fired
+        row.update(near)
+        rows.append(row)
+    scores: dict[str, Any] = {}
+    for flavour in FLAVOURS:
+        scores[flavour] = {
+            KIND_TO_METRIC[kind]: mean(float(r[flavour]) for r in rows if r["kind"] == kind)
+            for kind in PROBE_KINDS
+        }
+    scores["probes"] = rows
+    return scores
+
+
+def _build_method(
+    settings: MethodSettings,
+    backbone: Backbone,
+    pool: list[ReferenceItem],
+    cases: list[EditCase],
+    images: ImageCache,
+    progress: Progress,
+) -> EditMethod:
+    if settings.method in CODEBOOK_METHODS:
+        return CodebookMethod(backbone, settings, pool)
+    if settings.method == "ft":
+        from editor.eval.finetune import FineTune
+
+        assert settings.finetune is not None
+        return FineTune(backbone, settings.finetune)
+    from editor.eval.easyvqa import development_cases, file_digest
+
+    case_digests = {file_digest(p) for c in cases for p in c.image_paths()}
+    if settings.method == "ike":
+        from editor.eval.incontext import DemoSource, InContext
+
+        config = settings.incontext
+        assert config is not None
+        demo_cases = development_cases(config.num_demo_edits, config.seed, case_digests)
+        sources = [
+            DemoSource(
+                c.fact.question,
+                c.fact.answer,
+                (c.fact.rephrases or (c.fact.question,))[0],
+                c.loc[-1].question,
+                str(c.loc[-1].answer),
+            )
+            for c in demo_cases
+            if c.loc and c.loc[-1].answer
+        ]
+        return InContext(backbone, config, sources)
+    from editor.eval.mend import Mend, TrainingEdit
+
+    mend = settings.mend
+    assert mend is not None
+    training = []
+    for c in development_cases(mend.num_train_edits, mend.seed, case_digests):
+        fact = to_fact(c, images)
+        outer = [(fact.image, fact.question, fact.answer)]
+        outer += [(fact.image, q, fact.answer) for q in fact.rephrases]
+        outer += [(images(p.image), p.question, fact.answer) for p in c.i_gen[:2]]
+        loc_probes = [p for p in (c.loc[:2] + c.loc[-1:]) if p.answer]
+        loc = tuple((images(p.image), p.question, str(p.answer)) for p in loc_probes)
+        training.append(TrainingEdit(fact, tuple(outer), loc))
+    progress(f"training MEND on {len(training)} development edits (easy-VQA TRAIN, disjoint from the cases)")
+    return Mend(backbone, mend, training, progress=progress)
+
+
+def _checkpoints(total: int, every: int) -> list[int]:
+    points = list(range(every, total + 1, every))
+    if not points or points[-1] != total:
+        points.append(total)
+    return points
+
+
+def _scores_only(result: dict[str, Any]) -> dict[str, Any]:
+    return {f: result[f] for f in FLAVOURS}
+
+
+def run_eval(
+    cases_path: str | Path,
+    method: str,
+    sequential: bool = False,
+    model: str | Path | Backbone = "demo",
+    *,
+    hparams: dict[str, Any] | None = None,
+    limit: int | None = None,
+    pool_path: str | Path | None = None,
+    curve_every: int | None = None,
+    json_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate `method` on the cases of `cases_path`; return (and optionally write) the report.
+
+    Everything that can be checked without the model (method, hyperparameters, the case file, the
+    reference pool) is checked before the model is loaded. `model` is "demo", a model directory
+    or a loaded `Backbone`. The report holds aggregate metrics under "exact" and "token" (keys acc,
+    t_gen, i_gen, loc, hm, in percent), per-case results, the curve, timings and the settings.
+    """
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    settings = settings_for(method, hparams)
+    cases_path = Path(cases_path)
+    cases = load_cases(cases_path)
+    if limit is not None:
+        if limit < 1:
+            raise EvalError(f"--limit must be at least 1, got {limit}")
+        cases = cases[:limit]
+    if pool_path is None and (cases_path.parent / POOL_FILE).is_file():
+        pool_path = cases_path.parent / POOL_FILE
+    pool_probes = load_reference_pool(pool_path) if pool_path is not None else []
+    every = curve_every or max(1, len(cases) // 8)
+    if every < 1:
+        raise EvalError(f"curve_every must be at least 1, got {every}")
+
+    backbone = model if isinstance(model, Backbone) else load_backbone(model)
+    say(
+        f"{settings.method}, {'sequential' if sequential else 'independent'} mode: {len(cases)} cases on "
+        f"{backbone.name}"
+    )
+    images = ImageCache()
+    readout = Readout(backbone, max_new_tokens=settings.max_new_tokens)
+    tick = time.perf_counter()
+    reference = LocReference(readout, backbone, [p for c in cases for p in c.loc], images)
+    reference_seconds = time.perf_counter() - tick
+    pool = [ReferenceItem(images(p.image), p.question) for p in pool_probes]
+
+    tick = time.perf_counter()
+    editor_method = _build_method(settings, backbone, pool, cases, images, say)
+    setup_seconds = time.perf_counter() - tick
+    applied: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    curve: list[dict[str, Any]] = []
+    try:
+        if sequential:
+            editor_method.reset()
+            points = set(_checkpoints(len(cases), every))
+            for n, case in enumerate(cases, start=1):
+                applied[case.case_id] = _apply(editor_method, case, images)
+                say(f"[{n}/{len(cases)}] applied {case.case_id} in {applied[case.case_id]['seconds']:.2f}s")
+                if n in points:
+                    scored = {
+                        c.case_id: score_case(editor_method, c, reference, images, readout) for c in cases[:n]
+                    }
+                    point = aggregate([_scores_only(s) for s in scored.values()])
+                    curve.append({"edits": n, **point})
+                    say(f"after {n} edits: {_line(point)}")
+                    if n == len(cases):
+                        results = scored
+        else:
+            for n, case in enumerate(cases, start=1):
+                editor_method.reset()
+                applied[case.case_id] = _apply(editor_method, case, images)
+                results[case.case_id] = score_case(editor_method, case, reference, images, readout)
+                say(
+                    f"[{n}/{len(cases)}] {case.case_id}: {applied[case.case_id]['seconds']:.2f}s, "
+                    f"{_line({f: results[case.case_id][f] for f in FLAVOURS}, with_hm=False, scale=100.0)}"
+                )
+                if n % every == 0 or n == len(cases):
+                    point = aggregate([_scores_only(results[c.case_id]) for c in cases[:n]])
+                    curve.append({"edits": n, **point})
+            editor_method.reset()
+    finally:
+        editor_method.close()
+
+    totals = aggregate([_scores_only(results[c.case_id]) for c in cases])
+    seconds = [applied[c.case_id]["seconds"] for c in cases]
+    report: dict[str, Any] = {
+        "format_version": REPORT_FORMAT_VERSION,
+        "method": settings.method,
+        "mode": "sequential" if sequential else "independent",
+        "model": str(model) if not isinstance(model, Backbone) else backbone.name,
+        "model_id": backbone.model_id,
+        "cases_file": str(cases_path),
+        "num_cases": len(cases),
+        "reference_pool": None if pool_path is None else str(pool_path),
+        "hparams": settings.to_dict(),
+        "exact": totals["exact"],
+        "token": totals["token"],
+        "seconds_per_edit": statistics.fmean(seconds),
+        "seconds_per_edit_median": statistics.median(seconds),
+        "setup": {**getattr(editor_method, "setup", {}), "seconds": setup_seconds},
+        "reference_seconds": reference_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "curve_every": every,
+        "curve": curve,
+        "cases": [
+            {"id": c.case_id, "scope": c.scope, "apply": applied[c.case_id], **results[c.case_id]}
+            for c in cases
+        ],
+    }
+    say(f"done in {report['total_seconds']:.1f}s: {_line(totals)}")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if plot_path is not None:
+        from editor.eval.plot import plot_curve
+
+        plot_curve(report, plot_path)
+    return report
+
+
+def _apply(method: EditMethod, case: EditCase, images: ImageCache) -> dict[str, Any]:
+    fact = to_fact(case, images)
+    tick = time.perf_counter()
+    details = method.apply(fact)
+    seconds = time.perf_counter() - tick
+    return {**_jsonable(details), "seconds": seconds}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    return value
+
+
+def _line(point: dict[str, dict[str, float | None]], with_hm: bool = True, scale: float = 1.0) -> str:
+    """One progress line; `scale` 100 for per-case fractions, 1 for aggregate percents."""
+    parts = []
+    for flavour in FLAVOURS:
+        keys = [*METRICS, "hm"] if with_hm else list(METRICS)
+        cells = []
+        for key in keys:
+            value = point[flavour].get(key)
+            cells.append(f"{key}={'-' if value is None else format(scale * value, '.1f')}")
+        parts.append(f"{flavour}: {' '.join(cells)}")
+    return "; ".join(parts)
