@@ -49,3 +49,12 @@ def run_demo(echo: Callable[[str], None], new_name: str = "oblong box") -> dict[
     for (label, _, _), old, new in zip(probes, before, after):
         echo(f"{label:<{width}}  {old.text:<14}  {new.text}{'  (edit fired)' if new.fact_id else ''}")
     return {"report": report.to_dict(), "before": [a.text for a in before], "after": [a.text for a in after]}
+
+
+def demo_image_path() -> Path:
+    """An easy-VQA training image of a rectangle, for the quick start."""
+    return easy_vqa_examples()["rectangle"][0]
+
+
+if __name__ == "__main__":
+    print(demo_image_path())

@@ -181,11 +181,29 @@ def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
     get_version(session, model, number)
     if model.spec is None:
         raise KbError(f"model {model.name!r} has never been loaded by a worker; start `kbctl worker`")
-    entries = []
-    for row in entries_at(session, model, number):
-        data = get_blob(session, row.blob_sha256, f"version {number} of model {model.name!r}")
-        entries.append(entry_from_bytes(data, row.fact_id, row.answer, row.input_id, row.base_radius))
+    rows = entries_at(session, model, number)
+    what = f"version {number} of model {model.name!r}"
+    blobs = get_blobs(session, [row.blob_sha256 for row in rows], what)
+    entries = [entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
+               for row in rows]
     return Codebook(CodebookSpec(**model.spec), dict(model.hparams), entries)
+
+
+def get_blobs(session: Session, digests: Sequence[str], what: str) -> dict[str, bytes]:
+    """Many blobs in one query, each checked against its SHA-256."""
+    found: dict[str, bytes] = {}
+    unique = list(dict.fromkeys(digests))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        for digest, data in session.execute(select(Blob.sha256, Blob.data).where(Blob.sha256.in_(chunk))):
+            data = bytes(data)
+            if sha256(data) != digest:
+                raise CorruptBlob(f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted)")
+            found[digest] = data
+    missing = [d for d in unique if d not in found]
+    if missing:
+        raise NotFound(f"{what}: blob {missing[0][:12]} is missing from the database")
+    return found
 
 
 def set_spec(session: Session, model: Model, spec: dict[str, Any]) -> None:

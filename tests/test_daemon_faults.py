@@ -1,0 +1,98 @@
+"""Crashes and concurrency with real worker processes: kill -9 mid-edit, two workers on one model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from daemon_harness import Daemon
+from tiny_models import image, save
+
+Q = "what shape is it?"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    save("llava-llama", root / "model")
+    for i in range(8):
+        image((30 * i, 255 - 30 * i, 90), "circle" if i % 2 else "square").save(root / f"img{i}.png")
+    return root
+
+
+def job_rows(d: Daemon) -> list[dict]:
+    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(
+            "SELECT j.seq, j.status, j.attempts, j.result, j.started_at, j.finished_at, j.lease_owner "
+            "FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = :name ORDER BY j.seq"),
+            {"name": d.model}).mappings().all()
+    engine.dispose()
+    return [dict(r) for r in rows]
+
+
+def as_dict(value: object) -> dict:
+    """JSON columns come back as text from SQLite through a raw query, as dicts from PostgreSQL."""
+    return value if isinstance(value, dict) else json.loads(str(value))
+
+
+def version_numbers(d: Daemon) -> list[int]:
+    return sorted(v["version"] for v in d.kbctl("history", "--limit", "1000", "--json"))
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_edit_then_restart_completes_the_job_exactly_once(tmp_path, tiny_dir):
+    d = Daemon(tmp_path / "home", lease_seconds=3.0)
+    d.kbctl("init")
+    # A long optimisation so that the kill lands inside it.
+    d.kbctl("model", "add", "tiny", str(tiny_dir / "model"), "--hparam", "max_steps=3000",
+            "--hparam", "early_stop=false")
+    worker = d.start_worker()
+    try:
+        submitted = d.kbctl("submit-fact", "--image", str(tiny_dir / "img0.png"), "--question", Q,
+                            "--answer", "oblong box", "--json")
+        d.wait_for(lambda: job_rows(d)[0]["status"] == "running", what="the job to start")
+        d.kill9(worker)
+        row = job_rows(d)[0]
+        assert row["status"] == "running" and row["attempts"] == 1
+        assert d.kbctl("status", "--json")["head_version"] == 0
+        assert version_numbers(d) == [0]
+
+        d.start_worker()
+        d.wait_for(lambda: job_rows(d)[0]["status"] == "done", timeout=180, what="the job to finish")
+        row = job_rows(d)[0]
+        assert row["attempts"] == 2
+        assert version_numbers(d) == [0, 1]
+        answer = d.kbctl("ask", "--image", str(tiny_dir / "img0.png"), "--question", Q, "--json")
+        assert answer == {"answer": "oblong box", "version": 1, "fact_id": submitted["fact_id"]}
+    finally:
+        d.stop_workers()
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_model_never_interleave(tmp_path, tiny_dir):
+    d = Daemon(tmp_path / "home")
+    d.kbctl("init")
+    d.kbctl("model", "add", "tiny", str(tiny_dir / "model"), "--hparam", "max_steps=150",
+            "--hparam", "early_stop=false")
+    d.start_worker("worker")
+    d.start_worker("up")
+    try:
+        fact_ids = [d.kbctl("submit-fact", "--image", str(tiny_dir / f"img{i}.png"), "--question", Q,
+                            "--answer", f"shape number {i}", "--json")["fact_id"] for i in range(8)]
+        d.wait_for(lambda: all(r["status"] == "done" for r in job_rows(d)), timeout=240,
+                   what="all jobs to finish")
+    finally:
+        d.stop_workers()
+    rows = job_rows(d)
+    assert [r["seq"] for r in rows] == list(range(1, 9))
+    assert [r["attempts"] for r in rows] == [1] * 8
+    # Strict order: job k made version k, and no job started before the previous one finished.
+    assert [as_dict(r["result"])["version"] for r in rows] == list(range(1, 9))
+    for previous, current in zip(rows, rows[1:]):
+        assert str(previous["finished_at"]) <= str(current["started_at"])
+    assert version_numbers(d) == list(range(0, 9))
+    head = d.kbctl("show", "8", "--json")
+    assert [f["fact_id"] for f in head["facts"]] == fact_ids
