@@ -126,6 +126,10 @@ def clean_text(value: str, what: str, limit: int) -> str:
         raise InvalidInput(f"{what} is {len(text):,} characters long; the limit is {limit:,}")
     if "\x00" in text:
         raise InvalidInput(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} is not valid UTF-8 (byte {exc.start})") from exc
     return text
 
 

@@ -1,0 +1,115 @@
+"""Bad input: one clear line on stderr, exit code 1, and nothing written (issue: reliability)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from daemon_harness import Daemon
+from tiny_models import image, save
+
+Q = "what shape is it?"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    save("llava-llama", root / "model")
+    image((200, 10, 10)).save(root / "good.png")
+    (root / "notes.txt").write_text("not an image")
+    png = (root / "good.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    Image.new("L", (4100, 4100)).save(root / "bomb.png")  # 16.8 M pixels > the 16 M limit
+    (root / "folder").mkdir()
+    d = Daemon(root / "home")
+    d.kbctl("init")
+    d.kbctl("model", "add", "tiny", str(root / "model"))
+    d.kbctl("model", "add", "other", str(root / "model"))
+    d.kbctl("--model", "other", "submit-fact", "--image", str(root / "good.png"), "--question", Q,
+            "--answer", "x")
+    source = root / "source"
+    source.mkdir()
+    (source / "good.png").write_bytes(png)
+    (root / "outside.png").write_bytes(png)
+    os.symlink(root / "outside.png", source / "link.png")
+    return root, d
+
+
+def counts(d: Daemon) -> dict[str, int]:
+    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+    with engine.connect() as connection:
+        result = {t: connection.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar()
+                  for t in ("facts", "jobs", "versions", "blobs", "entries", "models")}
+    engine.dispose()
+    return result
+
+
+def source_file(root: Path, name: str, lines: list[str]) -> str:
+    path = root / "source" / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def good_line(key: str = "a", image_path: str = "good.png") -> str:
+    return json.dumps({"key": key, "image": image_path, "question": Q, "answer": "ring"})
+
+
+CASES = {
+    "missing image": (["submit-fact", "--image", "{root}/nope.png", "--question", Q, "--answer", "a"],
+                      "Error: image '{root}/nope.png' does not exist"),
+    "directory": (["submit-fact", "--image", "{root}/folder", "--question", Q, "--answer", "a"],
+                  "Error: image '{root}/folder' is not a regular file"),
+    "not an image": (["submit-fact", "--image", "{root}/notes.txt", "--question", Q, "--answer", "a"],
+                     "Error: image '{root}/notes.txt' is not a readable image (UnidentifiedImageError: "),
+    "truncated png": (["submit-fact", "--image", "{root}/truncated.png", "--question", Q, "--answer", "a"],
+                      "Error: image '{root}/truncated.png' is not a readable image"),
+    "decompression bomb": (["submit-fact", "--image", "{root}/bomb.png", "--question", Q, "--answer", "a"],
+                           "Error: image '{root}/bomb.png' has 4100x4100 pixels; the limit is 16,000,000"),
+    "empty question": (["submit-fact", "--image", "{root}/good.png", "--question", "", "--answer", "a"],
+                       "Error: question is empty"),
+    "blank answer": (["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "  \t "],
+                     "Error: answer is empty"),
+    "huge question": (["submit-fact", "--image", "{root}/good.png", "--question", "q" * 100_000, "--answer", "a"],
+                      "Error: question is 100,000 characters long; the limit is 2,000"),
+    "invalid utf-8": (["submit-fact", "--image", "{root}/good.png", "--question", "caf\udce9?", "--answer", "a"],
+                      "Error: question is not valid UTF-8 (byte 3)"),
+    "unknown model": (["--model", "nope", "submit-fact", "--image", "{root}/good.png", "--question", Q,
+                       "--answer", "a"], "Error: unknown model 'nope' (registered: demo, other, tiny)"),
+    "rollback to a missing version": (["rollback", "99"], "Error: model 'tiny' has no version 99 (versions 0..0)"),
+    "rollback to another model's version": (["rollback", "1"],
+                                            "Error: model 'tiny' has no version 1 (versions 0..0)"),
+    "retract unknown fact": (["retract", "f-0000000000000000"],
+                             "Error: model 'tiny' has no fact 'f-0000000000000000'"),
+    "malformed source line": (["ingest", "@malformed.jsonl"], "Error: {root}/source/malformed.jsonl:2: malformed JSON"),
+    "duplicate keys": (["ingest", "@duplicate.jsonl"],
+                       "Error: {root}/source/duplicate.jsonl:2: duplicate key 'a' (first at {root}/source/duplicate.jsonl:1)"),
+    "path escaping the folder": (["ingest", "@escape.jsonl"],
+                                 "Error: {root}/source/escape.jsonl:1: image path '../../etc/passwd' escapes the source folder"),
+    "symlink pointing outside": (["ingest", "@symlink.jsonl"],
+                                 "Error: {root}/source/symlink.jsonl:1: image path 'link.png' escapes the source folder"),
+    "invalid utf-8 in a source": (["ingest", "@latin1.jsonl"], "Error: {root}/source/latin1.jsonl:2: not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_cleanly(setup, case):
+    root, d = setup
+    (root / "source" / "malformed.jsonl").write_text(good_line() + "\n{not json\n")
+    source_file(root, "duplicate.jsonl", [good_line("a"), good_line("a")])
+    source_file(root, "escape.jsonl", [good_line("a", "../../etc/passwd")])
+    source_file(root, "symlink.jsonl", [good_line("a", "link.png")])
+    (root / "source" / "latin1.jsonl").write_bytes(good_line().encode() + b'\n{"question": "caf\xe9"}\n')
+    args, expected = CASES[case]
+    args = [a.replace("{root}", str(root)) for a in args]
+    args = [str(root / "source" / a[1:]) if a.startswith("@") else a for a in args]
+    expected = expected.replace("{root}", str(root))
+    before = counts(d)
+    result = d.kbctl(*args, expect=1)
+    assert result.stderr.startswith(expected), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert counts(d) == before
