@@ -109,10 +109,11 @@ class Codebook:
             raise IncompatibleCodebookError(
                 f"values of shape {tuple(entry.values.shape)} do not fit layer output size {self.spec.output_size}"
             )
-        if any(e.fact_id == entry.fact_id for e in self.entries):
-            raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         superseded = [e.fact_id for e in self.entries if e.input_id == entry.input_id]
-        self.entries = [e for e in self.entries if e.input_id != entry.input_id]
+        remaining = [e for e in self.entries if e.input_id != entry.input_id]
+        if any(e.fact_id == entry.fact_id for e in remaining):
+            raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
+        self.entries = remaining
         stored = Entry(entry.fact_id, entry.answer, entry.input_id,
                        entry.key.detach().float().cpu().contiguous(),
                        entry.values.detach().float().cpu().contiguous(),

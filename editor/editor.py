@@ -273,12 +273,20 @@ class Editor:
             Query(query.image, q) for q in distinct_questions(self.reference_pool)
             if q.casefold() != query.question.casefold()
         ][:MAX_SAME_IMAGE_QUESTIONS]
-        same_keys = self.keys(same_image)
-        same_answers = [normalise_answer(a.text) for a in self._generate(same_image, "off")]
-        keys = torch.cat([pool.keys, same_keys])  # (P + S, Din)
-        answers = pool.answers + same_answers
+        keys = torch.cat([pool.keys, self.keys(same_image)])  # (P + S, Din)
+        answers: list[str | None] = [*pool.answers, *([None] * len(same_image))]
         distance = pairwise_distances(key[None], keys, self.config.distance)[0]  # (P + S,)
-        different = torch.tensor([a != original for a in answers])
-        order = torch.argsort(torch.where(different, distance, torch.full_like(distance, float("inf"))))
-        chosen = [int(i) for i in order[:count] if bool(different[i])]
+        chosen: list[int] = []
+        order = torch.argsort(distance).tolist()
+        for position, index in enumerate(order):
+            if len(chosen) == count:
+                break
+            if answers[index] is None:
+                # Answer the same-image candidates lazily, a few nearest at a time.
+                pending = [i for i in order[position:] if answers[i] is None][:8]
+                texts = self._generate([same_image[i - len(pool.answers)] for i in pending], "off")
+                for i, text in zip(pending, texts):
+                    answers[i] = normalise_answer(text.text)
+            if answers[index] != original:
+                chosen.append(index)
         return keys[chosen]

@@ -21,40 +21,39 @@ class Paraphraser(Protocol):
         ...
 
 
+# Word-level rewrites only: they keep the question's shape, so a model that answers the question
+# also recognises the rephrasing. Frames that add words around the question ("can you tell me
+# ...") move a small model's key far away and would only make the radius infeasible.
 _REWRITES: tuple[tuple[str, str], ...] = (
     (r"\bin the image\b", "in the picture"),
     (r"\bin the picture\b", "in the image"),
     (r"\bin this image\b", "in this picture"),
     (r"\bin the photo\b", "in the image"),
+    (r"\bimage\b", "picture"),
+    (r"^what (\w+)\b", r"which \1"),
     (r"\bwhat is\b", "what's"),
     (r"\bwhat's\b", "what is"),
-    (r"\bis there\b", "is there any"),
-    (r"\bdoes the image contain\b", "does the picture contain"),
     (r"\bwhat color\b", "what colour"),
     (r"\bwhat colour\b", "what color"),
+    (r"\bcolor\b", "colour"),
+    (r"\bcolour\b", "color"),
+    (r"\bis present\b", "is there"),
+    (r"\bdoes the image contain\b", "does the picture contain"),
 )
-_FRAMES = ("can you tell me {q}", "please answer: {q}", "{q} tell me.", "question: {q}")
 
 
 class TemplateParaphraser:
-    """Deterministic rewrites (synonymous phrases, then polite frames) of an English question."""
+    """Deterministic word-level rewrites (synonyms) of an English question, offline."""
 
     def __call__(self, question: str, count: int) -> list[str]:
         seen = {question.casefold()}
         result: list[str] = []
-
-        def offer(text: str) -> None:
-            text = " ".join(text.split())
-            if text and text.casefold() not in seen:
-                seen.add(text.casefold())
-                result.append(text)
-
         for pattern, replacement in _REWRITES:
             if re.search(pattern, question, flags=re.IGNORECASE):
-                offer(re.sub(pattern, replacement, question, count=1, flags=re.IGNORECASE))
-        bare = question.rstrip(" ?")
-        for frame in _FRAMES:
-            offer(frame.format(q=bare + ("?" if "{q}?" not in frame else "")).replace("??", "?"))
+                text = " ".join(re.sub(pattern, replacement, question, count=1, flags=re.IGNORECASE).split())
+                if text.casefold() not in seen:
+                    seen.add(text.casefold())
+                    result.append(text)
         return result[:count]
 
 

@@ -157,7 +157,12 @@ def init(state: State, as_json: bool) -> None:
 
 @cli.group()
 def db() -> None:
-    """Database maintenance."""
+    """Database maintenance.
+
+    Example:
+
+        kbctl db upgrade
+    """
 
 
 @db.command("upgrade")
@@ -178,7 +183,12 @@ def db_upgrade(state: State, as_json: bool) -> None:
 
 @cli.group()
 def model() -> None:
-    """Register and list models."""
+    """Register and list models.
+
+    Example:
+
+        kbctl model add my-llava /models/llava --hparam alpha=0.1 && kbctl model list
+    """
 
 
 @model.command("add")

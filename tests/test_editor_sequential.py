@@ -96,11 +96,11 @@ def test_cosine_distance_edits(backbone):
 
 def test_paraphraser_supplies_positives_when_none_are_given(backbone):
     rephrases = TemplateParaphraser()(Q, 4)
-    assert len(rephrases) == 4 and Q not in rephrases
-    assert "what shape is in the picture?" in rephrases
+    assert rephrases == ["what shape is in the picture?", "which shape is in the image?"]
+    assert TemplateParaphraser()(Q, 1) == rephrases[:1]
     with Editor(backbone) as ed:
         report = ed.apply(Fact(RED, Q, "ring"))
-        assert len(report.positive_distances) == 4
+        assert len(report.positive_distances) == 2
 
 
 def test_editor_refuses_a_second_adapter_on_the_same_layer(backbone):

@@ -30,11 +30,28 @@ def test_kb_daemon_cli_imports_no_model_code():
         assert forbidden not in loaded, forbidden
 
 
+def all_commands(group=cli, prefix=()):
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if hasattr(command, "commands"):
+            yield from all_commands(command, (*prefix, name))
+
+
 def test_every_command_help_ends_with_an_example():
-    for name, command in cli.commands.items():
-        result = CliRunner().invoke(cli, [name, "--help"])
-        assert result.exit_code == 0, name
-        assert "Example:" in result.output, f"kbctl {name} --help has no Example: block"
+    names = list(all_commands())
+    assert ("model", "add") in names and ("submit-fact",) in names
+    for path in names:
+        result = CliRunner().invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, path
+        assert "Example:" in result.output, f"kbctl {' '.join(path)} --help has no Example: block"
+
+
+def test_readme_documents_every_top_level_command():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in cli.commands:
+        assert f"kbctl {name}" in readme, f"README does not mention kbctl {name}"
 
 
 def test_domain_error_is_one_line_and_exit_1(monkeypatch):
