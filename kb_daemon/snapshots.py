@@ -47,7 +47,10 @@ def get_blob(session: Session, digest: str, what: str) -> bytes:
         raise NotFound(f"{what}: blob {digest[:12]} is missing from the database")
     data = bytes(blob.data)
     if sha256(data) != digest:
-        raise CorruptBlob(f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted)")
+        raise CorruptBlob(
+                    f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted); "
+                    "`kbctl rollback V` to an intact version restores service"
+                )
     return data
 
 
@@ -198,7 +201,10 @@ def get_blobs(session: Session, digests: Sequence[str], what: str) -> dict[str, 
         for digest, data in session.execute(select(Blob.sha256, Blob.data).where(Blob.sha256.in_(chunk))):
             data = bytes(data)
             if sha256(data) != digest:
-                raise CorruptBlob(f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted)")
+                raise CorruptBlob(
+                    f"{what}: stored blob {digest[:12]} fails its SHA-256 check (corrupted); "
+                    "`kbctl rollback V` to an intact version restores service"
+                )
             found[digest] = data
     missing = [d for d in unique if d not in found]
     if missing:

@@ -104,9 +104,10 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int
             model = get_model(session, model_name)
             runtime.check_spec(session, model)
             head = model.head_version
-            runtime.use_version(session, model, head)
             job = session.get(Job, job_id)
             assert job is not None
+            if job.kind != "rollback":  # a rollback must work even when the head is damaged
+                runtime.use_version(session, model, head)
         change = execute(db, runtime, model, job)
         return commit(db, runtime, model_name, job_id, worker, head, change)
     except DatabaseUnavailable:

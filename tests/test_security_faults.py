@@ -1,0 +1,132 @@
+"""Security and stored-state faults: pickle refused, credentials hidden, old schema, corrupt blobs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from daemon_harness import Daemon, fresh_postgres_database
+from tiny_models import image, save
+
+Q = "what shape is it?"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sec")
+    save("llava-llama", root / "model")
+    image((220, 30, 30)).save(root / "red.png")
+    image((30, 30, 220), "circle").save(root / "blue.png")
+    return root
+
+
+class Exploit:
+    """Unpickling this runs a command: a worker that unpickles messages would create the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.slow
+def test_worker_refuses_pickle_messages(tmp_path, assets):
+    from kombu import Connection, Queue
+
+    d = Daemon(tmp_path / "home")
+    d.kbctl("init")
+    d.kbctl("model", "add", "tiny", str(assets / "model"))
+    marker = tmp_path / "pwned"
+    d.start_worker("worker")
+    try:
+        d.wait_for(lambda: "ready" in d.logs(), what="the worker to start")
+        with Connection(d.env["KB_BROKER_URL"]) as connection:
+            connection.Producer().publish(
+                pickle.dumps(Exploit(str(marker))), routing_key="kb.model.tiny",
+                content_type="application/x-python-serialize", content_encoding="binary",
+                headers={"task": "kb.process_model", "id": "evil-1", "argsrepr": "", "kwargsrepr": ""},
+                declare=[Queue("kb.model.tiny")],
+            )
+        d.wait_for(lambda: "untrusted content" in d.logs(), timeout=30, what="the refusal in the log")
+        time.sleep(1)
+        assert not marker.exists()
+        # The worker is still healthy: a JSON-signalled edit goes through.
+        done = d.kbctl("submit-fact", "--image", str(assets / "red.png"), "--question", Q, "--answer", "box",
+                       "--wait", "--timeout", "120", "--json")
+        assert done["version"] == 1
+    finally:
+        d.stop_workers()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_credentials_never_appear_in_output_or_logs(tmp_path, assets, postgres_url):
+    secret = "S3cret-Pa55word"
+    url = fresh_postgres_database(postgres_url).replace("postgres@", f"postgres:{secret}@")
+    d = Daemon(tmp_path / "home", url)  # the test server trusts local connections, any password
+    outputs = [d.kbctl("init", "--json"), d.kbctl("model", "add", "tiny", str(assets / "model"), "--json")]
+    d.start_worker()
+    try:
+        outputs.append(d.kbctl("submit-fact", "--image", str(assets / "red.png"), "--question", Q,
+                               "--answer", "box", "--wait", "--timeout", "120", "--json"))
+        outputs += [d.kbctl(cmd, "--json") for cmd in ("status", "history", "jobs")]
+        outputs.append(d.kbctl("model", "list", "--json"))
+    finally:
+        d.stop_workers()
+    unreachable = Daemon(tmp_path / "other", url.rsplit(":", 1)[0] + ":1/nowhere")
+    failed = unreachable.kbctl("status", expect=1)
+    assert "***" in failed.stderr and failed.stderr.startswith("Error: database ")
+    assert failed.stderr.count("\n") == 1
+    text = repr(outputs) + failed.stderr + failed.stdout + d.logs()
+    assert secret not in text
+    assert "postgres:***@" in repr(outputs[0])
+
+
+def test_worker_refuses_a_database_without_the_current_schema(tmp_path, assets):
+    d = Daemon(tmp_path / "home")
+    result = d.kbctl("worker", expect=1)
+    assert result.stderr.startswith("Error: database sqlite:///") and "run `kbctl init`" in result.stderr
+    d.kbctl("init")
+    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
+    engine.dispose()
+    result = d.kbctl("worker", expect=1)
+    assert result.stderr == ("Error: database schema is at revision 0000, this code needs 0001; "
+                             "run `kbctl db upgrade`\n")
+    assert d.kbctl("status", expect=1).stderr == result.stderr
+
+
+@pytest.mark.slow
+def test_corrupted_blob_names_the_version_and_rollback_restores_service(tmp_path, assets):
+    d = Daemon(tmp_path / "home")
+    d.kbctl("init")
+    d.kbctl("model", "add", "tiny", str(assets / "model"))
+    d.start_worker()
+    try:
+        first = d.kbctl("submit-fact", "--image", str(assets / "red.png"), "--question", Q, "--answer", "box",
+                        "--negative-image", str(assets / "blue.png"), "--wait", "--timeout", "120", "--json")
+        second = d.kbctl("submit-fact", "--image", str(assets / "blue.png"), "--question", Q, "--answer", "ring",
+                         "--negative-image", str(assets / "red.png"), "--wait", "--json")
+        engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+        with engine.begin() as connection:
+            digest = connection.execute(sa.text("SELECT blob_sha256 FROM entries WHERE fact_id = :f"),
+                                        {"f": second["fact_id"]}).scalar()
+            data = connection.execute(sa.text("SELECT data FROM blobs WHERE sha256 = :d"), {"d": digest}).scalar()
+            damaged = bytes(data[:-1]) + bytes([data[-1] ^ 0xFF])
+            connection.execute(sa.text("UPDATE blobs SET data = :b WHERE sha256 = :d"), {"b": damaged, "d": digest})
+        engine.dispose()
+        ask = ["ask", "--image", str(assets / "red.png"), "--question", Q]
+        broken = d.kbctl(*ask, expect=1)
+        assert broken.stderr.startswith(f"Error: version 2 of model 'tiny': stored blob {digest[:12]} fails its "
+                                        "SHA-256 check (corrupted); `kbctl rollback V` to an intact version")
+        assert d.kbctl(*ask, "--version", "1", "--json")["fact_id"] == first["fact_id"]
+        assert d.kbctl("rollback", "1", "--wait", "--json")["version"] == 3
+        assert d.kbctl(*ask, "--json") == {"answer": "box", "version": 3, "fact_id": first["fact_id"]}
+    finally:
+        d.stop_workers()
