@@ -33,6 +33,8 @@ class Settings:
     polling_seconds: float = 0.25
     # Nightly ingestion: crontab fields "minute hour day_of_month month day_of_week".
     ingest_schedule: str = "0 2 * * *"
+    # A batch stores its entries every this many facts, so a restarted worker resumes from there.
+    batch_checkpoint_facts: int = 20
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 16_000_000
 
@@ -51,6 +53,12 @@ class Settings:
                     overrides[name] = float(env[key])
                 except ValueError as exc:
                     raise InvalidInput(f"{key} must be a number of seconds, got {env[key]!r}") from exc
+        if env.get("KB_BATCH_CHECKPOINT_FACTS"):
+            try:
+                overrides["batch_checkpoint_facts"] = max(1, int(env["KB_BATCH_CHECKPOINT_FACTS"]))
+            except ValueError as exc:
+                raise InvalidInput(f"KB_BATCH_CHECKPOINT_FACTS must be an integer, got "
+                                   f"{env['KB_BATCH_CHECKPOINT_FACTS']!r}") from exc
         if env.get("KB_INGEST_SCHEDULE"):
             overrides["ingest_schedule"] = env["KB_INGEST_SCHEDULE"]
         return replace(settings, **overrides) if overrides else settings

@@ -179,13 +179,17 @@ def entry_rows_for(session: Session, model: Model, fact_ids: Sequence[str]) -> l
 
 def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
     """The codebook of version `number`, every blob checked against its SHA-256."""
+    get_version(session, model, number)
+    rows = entries_at(session, model, number)
+    return codebook_of(session, model, rows, f"version {number} of model {model.name!r}")
+
+
+def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str) -> editor.Codebook:
+    """A codebook of stored entries, in the given order, every blob checked."""
     from editor.codebook import Codebook, CodebookSpec, entry_from_bytes
 
-    get_version(session, model, number)
     if model.spec is None:
         raise KbError(f"model {model.name!r} has never been loaded by a worker; start `kbctl worker`")
-    rows = entries_at(session, model, number)
-    what = f"version {number} of model {model.name!r}"
     blobs = get_blobs(session, [row.blob_sha256 for row in rows], what)
     entries = [entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
                for row in rows]

@@ -36,6 +36,7 @@ class Daemon:
             "KB_HEARTBEAT_SECONDS": "1",
             "KB_REAPER_SECONDS": "2",
             "KB_POLLING_SECONDS": "0.2",
+            "KB_BATCH_CHECKPOINT_FACTS": "5",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_VERBOSITY": "error",
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",

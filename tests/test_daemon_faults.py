@@ -26,7 +26,8 @@ def job_rows(d: Daemon) -> list[dict]:
     engine = sa.create_engine(d.env["KB_DATABASE_URL"])
     with engine.connect() as connection:
         rows = connection.execute(sa.text(
-            "SELECT j.seq, j.status, j.attempts, j.result, j.started_at, j.finished_at, j.lease_owner "
+            "SELECT j.seq, j.status, j.attempts, j.result, j.started_at, j.finished_at, j.lease_owner, "
+            "j.progress_done "
             "FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = :name ORDER BY j.seq"),
             {"name": d.model}).mappings().all()
     engine.dispose()
@@ -96,3 +97,38 @@ def test_two_workers_on_one_model_never_interleave(tmp_path, tiny_dir):
     assert version_numbers(d) == list(range(0, 9))
     head = d.kbctl("show", "8", "--json")
     assert [f["fact_id"] for f in head["facts"]] == fact_ids
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_batch_resumes_without_reapplying(tmp_path, tiny_dir):
+    d = Daemon(tmp_path / "home", lease_seconds=3.0)
+    d.kbctl("init")
+    d.kbctl("model", "add", "tiny", str(tiny_dir / "model"), "--hparam", "max_steps=60",
+            "--hparam", "early_stop=false")
+    source = tmp_path / "source"
+    source.mkdir()
+    for i in range(8):
+        (source / f"img{i}.png").write_bytes((tiny_dir / f"img{i}.png").read_bytes())
+    rows = [{"key": f"k{i}", "image": f"img{i % 8}.png", "question": f"what is shape number {i}?",
+             "answer": f"s{i}"} for i in range(16)]
+    (source / "facts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    worker = d.start_worker()
+    try:
+        d.kbctl("ingest", str(source))
+        d.wait_for(lambda: job_rows(d)[0]["progress_done"] >= 7, timeout=240, what="the batch to pass 7 facts")
+        # Meanwhile the head is still the old one, whole.
+        assert d.kbctl("status", "--json")["head_version"] == 0
+        d.kill9(worker)
+        assert job_rows(d)[0]["status"] == "running"
+        d.start_worker()
+        d.wait_for(lambda: job_rows(d)[0]["status"] == "done", timeout=300, what="the batch to finish")
+    finally:
+        d.stop_workers()
+    job = job_rows(d)[0]
+    result = as_dict(job["result"])
+    assert job["attempts"] == 2
+    assert result["resumed_at"] in (5, 10, 15)  # checkpoints every 5 facts in these tests
+    assert result["applied_in_this_attempt"] == 16 - result["resumed_at"]
+    assert version_numbers(d) == [0, 1]
+    version = d.kbctl("show", "1", "--json")
+    assert [f["answer"] for f in version["facts"]] == [f"s{i}" for i in range(16)]

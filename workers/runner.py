@@ -26,7 +26,7 @@ from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.models import Fact, Job, Model, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
 from kb_daemon.runtime import ModelRuntime, open_image
-from kb_daemon.snapshots import commit_version, entry_rows_for, materialise, store_entry
+from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,14 @@ def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: 
         logger.info("job %d (%s) of %s claimed by %s", job_id, kind, model_name, worker)
         started = time.perf_counter()
         with Heartbeat(db, job_id, worker, settings):
-            outcome = _run_one(db, runtime_for, model_name, job_id, worker)
+            outcome = _run_one(db, runtime_for, model_name, job_id, worker, settings)
         outcome["seconds"] = round(time.perf_counter() - started, 3)
         logger.info("job %d finished: %s", job_id, outcome)
         outcomes.append(outcome)
 
 
-def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int, worker: str) -> dict[str, Any]:
+def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int, worker: str,
+             settings: Settings) -> dict[str, Any]:
     runtime: ModelRuntime | None = None
     try:
         # Short transactions only: on SQLite each one holds the database's write lock.
@@ -108,7 +109,7 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int
             assert job is not None
             if job.kind != "rollback":  # a rollback must work even when the head is damaged
                 runtime.use_version(session, model, head)
-        change = execute(db, runtime, model, job)
+        change = execute(db, runtime, model, job, worker, head, settings.batch_checkpoint_facts)
         return commit(db, runtime, model_name, job_id, worker, head, change)
     except DatabaseUnavailable:
         # Nothing was stored; the lease lapses and the job runs again once the database is back.
@@ -128,8 +129,9 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int
         return {"job_id": job_id, "status": "failed", "error": str(exc)}
 
 
-def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job) -> Change:
-    """Apply the job to the runtime's in-memory codebook; the database is only read."""
+def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
+            checkpoint_every: int = 20) -> Change:
+    """Apply the job to the runtime's in-memory codebook; only batches write (checkpoints)."""
     ed = runtime.editor
     change = Change(job.kind)
     if job.kind == "edit":
@@ -142,27 +144,65 @@ def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job) -> Chan
         ed.load_codebook(codebook)
         change.result["rolled_back_to"] = int(job.payload["version"])
     elif job.kind == "batch":
-        sources = canaries_source(model.canary_path)
-        canaries = load_canaries(model.canary_path)
-        before = [a.text for a in ed.answers(canaries)] if canaries else []
-        fact_ids = list(job.payload.get("facts", []))
-        retracts = list(job.payload.get("retract", []))
-        total = len(fact_ids) + len(retracts)
-        for done, fact_id in enumerate(fact_ids, 1):
-            _apply_fact(db, runtime, change, fact_id)
-            _progress(db, job.id, done, total)
-        for done, fact_id in enumerate(retracts, len(fact_ids) + 1):
-            _retract(runtime, change, fact_id)
-            _progress(db, job.id, done, total)
-        if canaries:
-            after = [a.text for a in ed.answers(canaries)]
-            broken = [{"image": image, "question": question, "before": b, "after": a}
-                      for (image, question), b, a in zip(sources, before, after) if a != b]
-            change.result["canaries"] = {"total": len(canaries), "changed": len(broken), "broken": broken}
-            change.held = len(broken) / len(canaries) > model.canary_max_changed
+        _run_batch(db, runtime, model, job, worker, head, change, checkpoint_every)
     else:
         raise InvalidInput(f"unknown job kind {job.kind!r}")
     return change
+
+
+def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
+               change: Change, checkpoint_every: int) -> None:
+    """Apply a batch in order, checkpointing every few facts so a restart resumes, not redoes."""
+    ed = runtime.editor
+    sources = canaries_source(model.canary_path)
+    canaries = load_canaries(model.canary_path)
+    before = [a.text for a in ed.answers(canaries)] if canaries else []  # on the head, before the batch
+    fact_ids = list(job.payload.get("facts", []))
+    retracts = list(job.payload.get("retract", []))
+    total = len(fact_ids) + len(retracts)
+    start = 0
+    checkpoint = (job.result or {}).get("checkpoint")
+    if checkpoint and checkpoint.get("head") == head:
+        with db.session() as session:
+            rows = entry_rows_for(session, model, checkpoint["codebook"])
+            ed.load_codebook(codebook_of(session, model, rows, f"checkpoint of job {job.id}"))
+        start = int(checkpoint["done"])
+        change.applied = list(checkpoint["applied"])
+        change.superseded = dict(checkpoint["superseded"])
+        change.result["resumed_at"] = start
+        logger.info("job %d: resuming the batch after fact %d of %d", job.id, start, len(fact_ids))
+    for done, fact_id in enumerate(fact_ids[start:], start + 1):
+        _apply_fact(db, runtime, change, fact_id)
+        _progress(db, job.id, done, total)
+        if done % checkpoint_every == 0 and done < len(fact_ids):
+            save_checkpoint(db, model, job.id, worker, head, done, runtime, change)
+    for done, fact_id in enumerate(retracts, len(fact_ids) + 1):
+        _retract(runtime, change, fact_id)
+        _progress(db, job.id, done, total)
+    change.result["applied_in_this_attempt"] = len(fact_ids) - start
+    if canaries:
+        after = [a.text for a in ed.answers(canaries)]
+        broken = [{"image": image, "question": question, "before": b, "after": a}
+                  for (image, question), b, a in zip(sources, before, after) if a != b]
+        change.result["canaries"] = {"total": len(canaries), "changed": len(broken), "broken": broken}
+        change.held = len(broken) / len(canaries) > model.canary_max_changed
+
+
+def save_checkpoint(db: Database, model: Model, job_id: int, worker: str, head: int, done: int,
+                    runtime: ModelRuntime, change: Change) -> None:
+    """Store the entries made so far and where the batch stands (entries outside any version)."""
+    codebook = runtime.editor.codebook
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert_lease(session, job, worker)
+        stored = {row.fact_id for row in entry_rows_for_existing(session, model, codebook.fact_ids)}
+        for entry in codebook.entries:
+            if entry.fact_id not in stored:
+                store_entry(session, model, entry)
+        job.result = {"checkpoint": {"head": head, "done": done, "codebook": codebook.fact_ids,
+                                     "applied": change.applied, "superseded": change.superseded}}
+    logger.info("job %d: checkpoint after fact %d", job_id, done)
 
 
 def _progress(db: Database, job_id: int, done: int, total: int) -> None:
