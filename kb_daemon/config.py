@@ -35,6 +35,8 @@ class Settings:
     ingest_schedule: str = "0 2 * * *"
     # A batch stores its entries every this many facts, so a restarted worker resumes from there.
     batch_checkpoint_facts: int = 20
+    # How long a SQLite writer waits for the lock before the operation fails (and is retried).
+    sqlite_busy_seconds: float = 30.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 16_000_000
 
@@ -47,7 +49,8 @@ class Settings:
         settings = cls(home=home, database_url=database_url, broker_url=broker_url)
         overrides: dict[str, object] = {}
         for name, key in (("lease_seconds", "KB_LEASE_SECONDS"), ("heartbeat_seconds", "KB_HEARTBEAT_SECONDS"),
-                          ("reaper_seconds", "KB_REAPER_SECONDS"), ("polling_seconds", "KB_POLLING_SECONDS")):
+                          ("reaper_seconds", "KB_REAPER_SECONDS"), ("polling_seconds", "KB_POLLING_SECONDS"),
+                          ("sqlite_busy_seconds", "KB_SQLITE_BUSY_SECONDS")):
             if env.get(key):
                 try:
                     overrides[name] = float(env[key])

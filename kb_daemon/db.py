@@ -18,7 +18,6 @@ from kb_daemon.errors import KbError
 
 logger = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 class SchemaOutOfDate(KbError):
@@ -34,9 +33,10 @@ def include_name(name: str | None, type_: str, _parent: object) -> bool:
     return not (type_ == "table" and name and name.startswith(("kombu_", "celery_")))
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, sqlite_busy_seconds: float = 30.0) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        busy_ms = int(sqlite_busy_seconds * 1000)
+        engine = create_engine(url, connect_args={"timeout": sqlite_busy_seconds})
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -45,7 +45,7 @@ def make_engine(url: str) -> Engine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -61,7 +61,7 @@ class Database:
         self.settings = settings
         if settings.is_sqlite:
             settings.home.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, settings.sqlite_busy_seconds)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

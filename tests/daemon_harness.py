@@ -74,8 +74,9 @@ class Daemon:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.home.glob("worker-*.log")))
+    def logs(self, tail: int | None = None) -> str:
+        texts = [p.read_text(errors="replace") for p in sorted(self.home.glob("worker-*.log"))]
+        return "\n".join(t[-tail:] if tail else t for t in texts)
 
     def wait_for(self, predicate: Any, timeout: float = 90.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
@@ -84,7 +85,7 @@ class Daemon:
             if value:
                 return value
             time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs(tail=3000)}")
 
 
 def fresh_postgres_database(server_url: str) -> str:

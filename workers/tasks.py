@@ -10,7 +10,7 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_ready
 
-from kb_daemon.db import Database
+from kb_daemon.db import Database, DatabaseUnavailable
 from kb_daemon.models import Model
 from kb_daemon.notify import INGEST_NIGHTLY, PING, PROCESS_MODEL, REAP, signal_model
 from kb_daemon.runtime import ModelRuntime
@@ -47,14 +47,23 @@ def worker_id() -> str:
 
 @app.task(name=PROCESS_MODEL, base=RuntimeTask, bind=True, ignore_result=True)
 def process_model(self: RuntimeTask, model_name: str) -> list[dict[str, Any]]:
-    return run_pending(self.db, self.runtime_for, str(model_name), worker_id(), self.app.conf.kb_settings)
+    try:
+        return run_pending(self.db, self.runtime_for, str(model_name), worker_id(), self.app.conf.kb_settings)
+    except DatabaseUnavailable as exc:
+        # Nothing was stored; the job's lease lapses and the reaper hands it out again.
+        logger.warning("%s; the job will be retried when the database is back", exc)
+        return []
 
 
 @app.task(name=REAP, base=RuntimeTask, bind=True, ignore_result=True)
 def reap(self: RuntimeTask) -> list[str]:
     from workers.maintenance import reap_once
 
-    return reap_once(self.db, self.app.conf.kb_settings)
+    try:
+        return reap_once(self.db, self.app.conf.kb_settings)
+    except DatabaseUnavailable as exc:
+        logger.warning("reaper skipped: %s", exc)
+        return []
 
 
 @app.task(name=INGEST_NIGHTLY, base=RuntimeTask, bind=True, ignore_result=True)
