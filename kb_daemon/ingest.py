@@ -81,6 +81,21 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def read_inputs(path: Path, what: str) -> list[tuple[str | None, str]]:
+    """(image path relative to the file, question) pairs from a JSON Lines file of model inputs
+    (canaries, reference pools: the edit-case `loc` layout)."""
+    if not path.is_file():
+        raise InvalidInput(f"{what} file {path} does not exist")
+    inputs = []
+    for number, record in _records(path):
+        question = record.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInput(f"{path}:{number}: {what} line needs a 'question'")
+        image = record.get("image")
+        inputs.append((str(image) if image else None, question))
+    return inputs
+
+
 def parse_source(source: Path, settings: Settings) -> list[SourceFact]:
     """Read and validate every fact of the source (images included)."""
     facts: list[SourceFact] = []

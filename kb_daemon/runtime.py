@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from kb_daemon.errors import InvalidInput
 from kb_daemon.models import Fact, Model
 from kb_daemon.snapshots import get_blob, materialise, set_spec
 
@@ -42,18 +40,11 @@ def load_reference_pool(spec: str | None) -> list[Any]:
         for question, image_id in zip(questions, image_ids):
             first_question.setdefault(image_id, question)
         return [ReferenceItem(Image.open(paths[i]).convert("RGB"), first_question[i]) for i in chosen]
+    from kb_daemon.ingest import read_inputs
+
     path = Path(spec)
-    items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            image = Image.open(path.parent / record["image"]).convert("RGB") if record.get("image") else None
-            items.append(ReferenceItem(image, str(record["question"])))
-        except (ValueError, KeyError, OSError) as exc:
-            raise InvalidInput(f"{path}:{number}: bad reference pool line ({exc})") from exc
-    return items
+    return [ReferenceItem(Image.open(path.parent / image).convert("RGB") if image else None, question)
+            for image, question in read_inputs(path, "reference pool")]
 
 
 def open_image(data: bytes | None) -> Any:

@@ -26,17 +26,13 @@ def _quiet_transformers():
 @pytest.fixture(scope="session")
 def postgres_url():
     """URL of a PostgreSQL server for this test session (see tests/pg_server.py)."""
-    from pg_server import PostgresServer, find_bin_dir
+    from pg_server import PostgresServer, require_bin_dir
 
     existing = os.environ.get("KB_TEST_POSTGRES_URL")
     if existing:
         yield existing
         return
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed; CI must run the PostgreSQL tests (.ci/run installs it)")
-        pytest.skip("PostgreSQL server binaries not found (install postgresql or set KB_TEST_POSTGRES_URL)")
+    bin_dir = require_bin_dir()
     server = PostgresServer(bin_dir)
     try:
         url = server.start()

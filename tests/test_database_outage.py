@@ -3,7 +3,6 @@ the job runs again once the database is back."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 
@@ -63,14 +62,9 @@ def version_numbers_raw(path, connection) -> list[int]:
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_postgres_stopped_mid_job(tmp_path, tiny_dir):
-    from pg_server import PostgresServer, find_bin_dir
+    from pg_server import PostgresServer, require_bin_dir
 
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is not installed; CI must run the PostgreSQL tests")
-        pytest.skip("PostgreSQL server binaries not found")
-    server = PostgresServer(bin_dir)
+    server = PostgresServer(require_bin_dir())
     url = fresh_postgres_database(server.start())
     d = Daemon(tmp_path / "home", url, lease_seconds=3.0)
     try:

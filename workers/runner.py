@@ -8,7 +8,6 @@ head or the new one.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from editor.errors import EditorError
 from kb_daemon.config import Settings
 from kb_daemon.db import Database, DatabaseUnavailable
 from kb_daemon.errors import Conflict, InvalidInput, KbError
+from kb_daemon.ingest import read_inputs
 from kb_daemon.models import Fact, Job, Model, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
 from kb_daemon.runtime import ModelRuntime, open_image
@@ -232,19 +232,7 @@ def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:
 
 
 def canaries_source(path: str | None) -> list[tuple[str | None, str]]:
-    if not path:
-        return []
-    source = Path(path)
-    items = []
-    for number, line in enumerate(source.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            items.append((record.get("image"), str(record["question"])))
-        except (ValueError, KeyError) as exc:
-            raise InvalidInput(f"{source}:{number}: bad canary line ({exc})") from exc
-    return items
+    return read_inputs(Path(path), "canary") if path else []
 
 
 def load_canaries(path: str | None) -> list[tuple[Any, str]]:
