@@ -809,6 +809,15 @@ def demo(new_name: str) -> None:
     run_demo(click.echo, new_name)
 
 
+def _register_eval() -> None:
+    from kb_daemon.eval_command import eval_command
+
+    cli.add_command(eval_command)
+
+
+_register_eval()
+
+
 def main() -> None:
     cli(prog_name="kbctl")
 
