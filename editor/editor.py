@@ -24,7 +24,8 @@ from editor.training import capture, train_value
 logger = logging.getLogger(__name__)
 
 INFERENCE_BATCH = 32
-MAX_SAME_IMAGE_QUESTIONS = 64
+# The pool's most frequent questions asked about the fact's image, as hard-negative candidates.
+MAX_SAME_IMAGE_QUESTIONS = 16
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ class ReferenceItem:
 
 
 def distinct_questions(items: Sequence[ReferenceItem]) -> list[str]:
-    seen: dict[str, None] = {}
+    """The pool's questions, most frequent first (ties in order of first appearance)."""
+    counts: dict[str, int] = {}
     for item in items:
-        seen.setdefault(item.question, None)
-    return list(seen)
+        counts[item.question] = counts.get(item.question, 0) + 1
+    return sorted(counts, key=lambda q: -counts[q])
