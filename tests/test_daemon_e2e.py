@@ -160,3 +160,29 @@ def test_models_and_migrations_agree(daemon):
                                                                "compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
+
+
+def test_nightly_ingestion_task_queues_one_batch_per_changed_source(daemon, assets, tmp_path):
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database
+    from workers.maintenance import ingest_all
+
+    source = tmp_path / "nightly"
+    source.mkdir()
+    (source / "red.png").write_bytes((assets / "red.png").read_bytes())
+    (source / "facts.jsonl").write_text(json.dumps({"image": "red.png", "question": Q, "answer": "brick"}) + "\n")
+    daemon.kbctl("model", "add", "nightly", str(assets / "tiny"), "--ingest-source", str(source))
+    settings = Settings.from_env(daemon.env)
+    db = Database(settings)
+    try:
+        first = [r for r in ingest_all(db, settings) if r["model"] == "nightly"]
+        again = [r for r in ingest_all(db, settings) if r["model"] == "nightly"]
+    finally:
+        db.dispose()
+    assert first[0]["new"] == 1 and first[0]["job_id"] is not None
+    assert again[0]["job_id"] is None and again[0]["unchanged"] == 1
+    jobs = Daemon(daemon.home, model="nightly")
+    jobs.env = {**daemon.env, "KB_MODEL": "nightly"}
+    listed = jobs.kbctl("jobs", "--json")
+    assert [(j["kind"], j["status"], j["actor"]) for j in listed] == [("batch", "queued", "nightly")]
+    assert listed[0]["source"].startswith("nightly:")
