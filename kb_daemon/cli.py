@@ -301,7 +301,6 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
         kbctl submit-fact --image cat.png --question "what breed is it?" --answer Kitty \\
             --rephrase "which breed is this?" --negative-image dog.png --wait
     """
-    from kb_daemon.notify import signal_model
     from kb_daemon.queue import FactInput, default_actor, get_model, read_image, submit_fact as submit
 
     fact = FactInput(
@@ -311,13 +310,20 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
     with state.checked_db().session() as session:
         row, job = submit(session, get_model(session, state.model), fact, actor=actor or default_actor())
         data: dict[str, Any] = {"fact_id": row.id, "job_id": job.id}
-    signal_model(state.settings, state.model)
-    if wait:
-        data.update(wait_for_job(state, data["job_id"], timeout, as_json))
+    signal_and_wait(state, data, wait, timeout, as_json)
     text = f"fact {data['fact_id']} queued as job {data['job_id']}"
     if "version" in data:
         text += f"; applied as version {data['version']}"
     emit(as_json, data, text)
+
+
+def signal_and_wait(state: State, data: dict[str, Any], wait: bool, timeout: float, quiet: bool) -> None:
+    """After the job's transaction committed: wake the worker, and with --wait add the outcome."""
+    from kb_daemon.notify import signal_model
+
+    signal_model(state.settings, state.model)
+    if wait:
+        data.update(wait_for_job(state, data["job_id"], timeout, quiet))
 
 
 def wait_for_job(state: State, job_id: int, timeout: float, quiet: bool) -> dict[str, Any]:
@@ -400,7 +406,6 @@ def retract(state: State, fact_id: str, wait: bool, timeout: float, actor: str |
 
         kbctl retract f-1a2b3c4d5e6f7a8b --wait
     """
-    from kb_daemon.notify import signal_model
     from kb_daemon.queue import default_actor, enqueue, get_fact, get_model
 
     with state.checked_db().session() as session:
@@ -410,9 +415,7 @@ def retract(state: State, fact_id: str, wait: bool, timeout: float, actor: str |
             raise InvalidInput(f"fact {fact_id} is {fact.status}, not applied; nothing to retract")
         job = enqueue(session, row, "retract", {"fact_id": fact_id}, actor=actor or default_actor(), source="cli")
         data: dict[str, Any] = {"fact_id": fact_id, "job_id": job.id}
-    signal_model(state.settings, state.model)
-    if wait:
-        data.update(wait_for_job(state, data["job_id"], timeout, as_json))
+    signal_and_wait(state, data, wait, timeout, as_json)
     emit(as_json, data, f"retraction of {fact_id} queued as job {data['job_id']}"
          + (f"; version {data['version']}" if "version" in data else ""))
 
@@ -431,7 +434,6 @@ def rollback(state: State, version: int, wait: bool, timeout: float, actor: str 
 
         kbctl rollback 3 --wait
     """
-    from kb_daemon.notify import signal_model
     from kb_daemon.queue import default_actor, enqueue, get_model
     from kb_daemon.snapshots import get_version
 
@@ -441,9 +443,7 @@ def rollback(state: State, version: int, wait: bool, timeout: float, actor: str 
         job = enqueue(session, row, "rollback", {"version": version}, actor=actor or default_actor(),
                       source="rollback")
         data: dict[str, Any] = {"rollback_to": version, "job_id": job.id}
-    signal_model(state.settings, state.model)
-    if wait:
-        data.update(wait_for_job(state, data["job_id"], timeout, as_json))
+    signal_and_wait(state, data, wait, timeout, as_json)
     emit(as_json, data, f"rollback to version {version} queued as job {data['job_id']}"
          + (f"; new head is version {data['version']}" if "version" in data else ""))
 
@@ -491,15 +491,12 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
         kbctl ingest facts/ --sync --wait
     """
     from kb_daemon.ingest import ingest_source
-    from kb_daemon.notify import signal_model
     from kb_daemon.queue import default_actor
 
     data = ingest_source(state.checked_db(), state.settings, state.model, source, sync=sync,
                          actor=actor or default_actor())
     if data["job_id"] is not None:
-        signal_model(state.settings, state.model)
-        if wait:
-            data.update(wait_for_job(state, data["job_id"], timeout, as_json))
+        signal_and_wait(state, data, wait, timeout, as_json)
     text = (f"{data['new']} new, {data['changed']} changed, {data['unchanged']} unchanged, "
             f"{data['retract']} to retract; " + (f"batch job {data['job_id']}" if data["job_id"] else "nothing to do"))
     if data.get("status") == "held":
