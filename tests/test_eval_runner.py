@@ -203,3 +203,11 @@ def test_balancedit_on_the_demo_model(tmp_path):
     report = run_eval(tmp_path / "two.jsonl", "balancedit", False, "demo", hparams={"pool_size": 60})
     assert report["exact"]["acc"] == 100.0
     assert report["exact"]["loc"] is not None and report["token"]["loc"] is not None
+
+
+def test_the_edited_layer_is_a_hyperparameter(case_file, backbone):
+    layer = "model.language_model.layers.0.mlp.down_proj"
+    for method in ("balancedit", "ft"):
+        hparams = {**TINY_HPARAMS[method], "layer": layer}
+        report = run_eval(case_file, method, False, backbone, hparams=hparams, limit=1)
+        assert report["setup"]["layer"] == layer and report["hparams"]["layer"] == layer

@@ -87,6 +87,7 @@ class CodebookOptions:
     """Harness knobs of BalancEdit / GRACE that are not `EditConfig` fields."""
 
     pool_size: int = 200  # reference-pool items handed to the Editor (0: no hard negatives)
+    layer: str = ""  # the wrapped linear layer; "" for the backbone's default
 
     def __post_init__(self) -> None:
         _at_least("pool_size", self.pool_size, 0)
@@ -103,6 +104,7 @@ class FineTuneConfig:
     adam_eps: float = 1e-4
     train_on_rephrases: bool = False  # the reference tunes on the edit input only
     max_new_tokens: int = 64
+    layer: str = ""  # the fine-tuned linear layer; "" for the backbone's default (the codebook's)
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -145,6 +147,7 @@ class MendConfig:
     num_train_edits: int = 120  # development edits built from the easy-VQA TRAIN split
     grad_clip: float = 100.0
     max_new_tokens: int = 64
+    layer: str = ""  # the edited linear layer; "" for the backbone's default (the codebook's)
     seed: int = 0
 
     def __post_init__(self) -> None:

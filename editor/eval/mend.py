@@ -252,10 +252,10 @@ class Mend:
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.network.parameters(), config.grad_clip)
                 optimiser.step()
-            history.append((float(edit_loss), float(loc_loss)))
+            history.append((edit_loss.item(), loc_loss.item()))
             if steps % 50 == 0:
                 recent = history[-50:]
-                edit_lr = float(self.network.edit_lr)
+                edit_lr = self.network.edit_lr.item()
                 message = (
                     f"MEND step {steps}/{config.train_steps}: edit loss "
                     f"{sum(h[0] for h in recent) / len(recent):.3f}, loc KL "
@@ -270,7 +270,7 @@ class Mend:
             "training_edits": len(edits),
             "final_edit_loss": sum(h[0] for h in tail) / len(tail),
             "final_loc_kl": sum(h[1] for h in tail) / len(tail),
-            "edit_lr": float(self.network.edit_lr),
+            "edit_lr": self.network.edit_lr.item(),
         }
 
     # ----- the EditMethod interface -----------------------------------------------------------

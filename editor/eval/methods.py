@@ -62,7 +62,8 @@ class CodebookMethod:
         hparams = settings.edit_config.to_dict()
         method = hparams.pop("method")
         pool = list(reference_pool)[: settings.codebook.pool_size]
-        self.editor = Editor(backbone, method=method, reference_pool=pool, **hparams)
+        layer = settings.codebook.layer or None
+        self.editor = Editor(backbone, method=method, layer=layer, reference_pool=pool, **hparams)
         self.backbone = backbone
         self.readout = Readout(backbone, settings.edit_config.max_new_tokens)
         started = time.perf_counter()

@@ -153,7 +153,7 @@ def _build_method(
         from editor.eval.finetune import FineTune
 
         assert settings.finetune is not None
-        return FineTune(backbone, settings.finetune)
+        return FineTune(backbone, settings.finetune, settings.finetune.layer or None)
     from editor.eval.easyvqa import development_cases, file_digest
 
     case_digests = {file_digest(p) for c in cases for p in c.image_paths()}
@@ -189,7 +189,7 @@ def _build_method(
         loc = tuple((images(p.image), p.question, str(p.answer)) for p in loc_probes)
         training.append(TrainingEdit(fact, tuple(outer), loc))
     progress(f"training MEND on {len(training)} development edits (easy-VQA TRAIN, disjoint from the cases)")
-    return Mend(backbone, mend, training, progress=progress)
+    return Mend(backbone, mend, training, layer=mend.layer or None, progress=progress)
 
 
 def _checkpoints(total: int, every: int) -> list[int]:
