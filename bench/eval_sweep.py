@@ -30,6 +30,8 @@ def diagnosis(report: dict[str, Any]) -> dict[str, int]:
         counts["fallbacks"] += bool(case["apply"].get("radius_fallback"))
         for probe in case["probes"]:
             fired = probe.get("fired")
+            if fired is None:  # not a codebook method: nothing to diagnose
+                continue
             if probe["kind"] == "t_gen" and not probe["exact"] and fired is False:
                 counts["t_gen_missed"] += 1
             if probe["kind"] == "i_gen" and not probe["exact"]:
