@@ -32,8 +32,11 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--churn", action="store_true", help="mix in retracts and rollbacks")
+    parser.add_argument("--quick", action="store_true", help="30 changes (seconds)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/storage.json"))
     args = parser.parse_args()
+    if args.quick:
+        args.edits = 30
 
     from sqlalchemy import func, select
 
@@ -113,7 +116,7 @@ def main() -> None:
         database_bytes = os.path.getsize(home / "kb.sqlite3")
     metadata_bytes = (database_bytes - blob_bytes) if database_bytes else None
     report = {
-        "benchmark": "storage", "changes": args.edits, "churn": args.churn, "counts": counts, "database": url.split(":", 1)[0],
+        "benchmark": "storage", "quick": args.quick, "changes": args.edits, "churn": args.churn, "counts": counts, "database": url.split(":", 1)[0],
         "head_version": head, "final_entries": len(final),
         "final_tensor_bytes": tensor_bytes, "final_raw_tensor_bytes": raw_tensor_bytes,
         "blob_bytes": blob_bytes, "database_bytes": database_bytes,
