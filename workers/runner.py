@@ -9,6 +9,7 @@ head or the new one.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,11 @@ from kb_daemon.runtime import ModelRuntime, open_image
 from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
 
 logger = logging.getLogger(__name__)
+
+# Test hook for fault-injection tests, never set in production: seconds to pause inside the commit
+# of a job's result, after its blobs, entries, spans, version row and ledger changes are written
+# but before the transaction commits, so a test can kill -9 the worker at exactly that point.
+FAULT_PAUSE_IN_COMMIT = "KB_FAULT_PAUSE_IN_COMMIT"
 
 
 class Heartbeat:
@@ -273,8 +279,20 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         job.result = {"version": version.number, "reports": change.reports, **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
         number = version.number
+        _fault_pause_in_commit(session, job_id, number)
     runtime.version = None if change.held else number
     return {"job_id": job_id, "status": "held" if change.held else "done", "version": number}
+
+
+def _fault_pause_in_commit(session: Any, job_id: int, number: int) -> None:
+    """Test hook (see FAULT_PAUSE_IN_COMMIT): does nothing unless that variable is set."""
+    pause = os.environ.get(FAULT_PAUSE_IN_COMMIT)
+    if not pause:
+        return
+    session.flush()  # every row of the result is now written, none committed
+    logger.warning("test hook %s: job %d written as version %d, pausing %s s before the commit",
+                   FAULT_PAUSE_IN_COMMIT, job_id, number, pause)
+    time.sleep(float(pause))
 
 
 def entry_rows_for_existing(session: Any, model: Model, fact_ids: list[str]) -> list[Any]:
