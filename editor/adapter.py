@@ -55,6 +55,7 @@ class Scope:
     offset: int = 0  # positions already seen (cached generation)
     fired: torch.Tensor = field(init=False)  # (B,) entry index per row, -1 when none
     fired_distance: torch.Tensor = field(init=False)  # (B,)
+    stop_after_keys: bool = False  # raise KeysCaptured once every row's key is recorded
     keys: torch.Tensor | None = None  # (B, Din) recorded at the key positions
     recorded_outputs: torch.Tensor | None = None  # (B, record_steps, Dout)
 
@@ -62,6 +63,10 @@ class Scope:
         b = self.key_positions.shape[0]
         self.fired = torch.full((b,), -1, dtype=torch.long)
         self.fired_distance = torch.full((b,), float("inf"))
+
+
+class KeysCaptured(Exception):
+    """Raised inside the forward pass of a `stop_after_keys` scope: the rest of the model is skipped."""
 
 
 class CodebookAdapter(nn.Module):
@@ -79,12 +84,14 @@ class CodebookAdapter(nn.Module):
         mode: Mode = "lookup",
         forced_values: torch.Tensor | None = None,
         record_steps: int = 0,
+        stop_after_keys: bool = False,
     ) -> Iterator[Scope]:
         if self._scope is not None:
             raise EditorError("codebook adapter scopes cannot be nested")
         if mode == "forced" and forced_values is None:
             raise EditorError("forced mode needs forced_values")
-        state = Scope(key_positions.detach().cpu().long(), mode, forced_values, record_steps)
+        state = Scope(key_positions.detach().cpu().long(), mode, forced_values, record_steps,
+                      stop_after_keys=stop_after_keys)
         self._scope = state
         try:
             yield state
@@ -117,6 +124,8 @@ class CodebookAdapter(nn.Module):
         ]
         if rows_with_key:
             self._visit_keys(state, x3, y3, rows_with_key, start)
+            if state.stop_after_keys and len(rows_with_key) == batch:
+                raise KeysCaptured
         if state.mode == "off":
             return y
         out = self._replace(state, y3, start)

@@ -43,17 +43,18 @@ class FamilySpec:
     passes_position_ids: bool  # False where the model derives positions from the attention mask
     prompt_template: str
     answer_prefix: str
+    vision: str = ""  # the vision encoder, whose forward sees each distinct image once per batch
 
 
 LLAVA = FamilySpec(
     "llava", "model.language_model.layers", ("model.language_model.norm", "lm_head"),
-    "mlp.down_proj", True, True, "USER: <image>\n{question} ASSISTANT:", " ",
+    "mlp.down_proj", True, True, "USER: <image>\n{question} ASSISTANT:", " ", "model.vision_tower",
 )
 BLIP2 = FamilySpec(
     "blip2", "language_model.model.decoder.layers",
     ("language_model.model.decoder.final_layer_norm", "language_model.model.decoder.project_out",
      "language_model.lm_head"),
-    "fc2", True, False, "Question: {question} Answer:", " ",
+    "fc2", True, False, "Question: {question} Answer:", " ", "vision_model",
 )
 GPT2 = FamilySpec(
     "gpt2", "transformer.h", ("transformer.ln_f", "lm_head"), "mlp.c_proj", False, True,
@@ -72,6 +73,59 @@ FAMILIES = {f.name: f for f in (LLAVA, BLIP2, GPT2, LLAMA_LM, OPT_LM)}
 _CAUSAL_BY_MODEL_TYPE = {"gpt2": GPT2, "llama": LLAMA_LM, "qwen2": LLAMA_LM, "mistral": LLAMA_LM,
                          "opt": OPT_LM}
 _LLAVA_TEXT_TYPES = {"llama", "qwen2", "mistral"}
+
+
+def share_repeated_images(vision: nn.Module) -> None:
+    """Make `vision` encode each distinct image of a batch once and repeat the result per row.
+
+    An edit feeds the same image with many questions (rephrasings, other questions about the
+    image); the encoder's output for a row depends only on that row's pixels, so identical rows
+    are computed once. Done with hooks: the module, its parameters and their names are unchanged.
+    """
+    if getattr(vision, "_kb_shares_images", False):
+        return
+    pending: list[torch.Tensor | None] = []
+
+    def before(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        inverse = None
+        if isinstance(pixels, torch.Tensor) and pixels.shape[0] > 1 and not pixels.requires_grad:
+            unique, inverse = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+            if unique.shape[0] == pixels.shape[0]:
+                inverse = None
+            else:
+                unique = unique.view(-1, *pixels.shape[1:])
+                if args:
+                    args = (unique, *args[1:])
+                else:
+                    kwargs = {**kwargs, "pixel_values": unique}
+        pending.append(inverse)
+        return args, kwargs
+
+    def after(_module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+        inverse = pending.pop()
+        if inverse is None:
+            return output
+        return _repeat_rows(output, inverse, int(inverse.max()) + 1)
+
+    vision.register_forward_pre_hook(before, with_kwargs=True)
+    vision.register_forward_hook(after, with_kwargs=True)
+    vision._kb_shares_images = True  # type: ignore[assignment]
+
+
+def _repeat_rows(value: Any, inverse: torch.Tensor, unique_rows: int) -> Any:
+    """Every tensor in `value` with `unique_rows` rows, expanded back to one row per input."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] == unique_rows:
+            return value.index_select(0, inverse.to(value.device))
+        return value
+    if isinstance(value, dict):  # ModelOutput is an ordered dict of its set fields
+        for key in list(value.keys()):
+            value[key] = _repeat_rows(value[key], inverse, unique_rows)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat_rows(v, inverse, unique_rows) for v in value)
+    return value
 
 
 def detect_family(model: nn.Module) -> FamilySpec:
@@ -191,6 +245,8 @@ class Backbone:
             else self.eos_token_id
         self.default_layer = edit_layer or self._default_layer()
         self._model_id: str | None = None
+        if self.family.vision:
+            share_repeated_images(self.model.get_submodule(self.family.vision))
 
     # ----- structure ------------------------------------------------------------------------
     def _eos_token_id(self) -> int:
@@ -307,8 +363,12 @@ class Backbone:
         ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         return list(ids) + [self.eos_token_id]
 
-    def encode(self, items: Sequence[Query], answers: Sequence[str] | None = None) -> Batch:
-        """Left-pad prompts (and answers, when given) into one batch."""
+    def encode(self, items: Sequence[Query], answers: Sequence[str | Sequence[int]] | None = None) -> Batch:
+        """Left-pad prompts (and answers, when given) into one batch.
+
+        An answer is a string (tokenised with the end of sequence appended) or the exact target
+        token ids (the last one is predicted, never fed).
+        """
         rows: list[list[int]] = []
         prompt_lengths: list[int] = []
         targets: list[list[int]] = []
@@ -317,7 +377,8 @@ class Backbone:
             ids, pixel_values = self._encode_prompt(item)
             prompt_lengths.append(len(ids))
             if answers is not None:
-                target = self.answer_ids(answers[i])
+                answer = answers[i]
+                target = self.answer_ids(answer) if isinstance(answer, str) else list(answer)
                 targets.append(target)
                 ids = ids + target[:-1]  # the eos is predicted, never fed
             rows.append(ids)

@@ -185,3 +185,57 @@ def test_grace_uses_the_fixed_radius(family, backbone):
 def test_public_api_names():
     for name in ("load_backbone", "Editor", "Codebook", "Fact", "EditReport"):
         assert getattr(editor, name) is not None
+
+
+def test_keys_stop_at_the_edited_layer_and_equal_a_full_pass(family, backbone):
+    red = fact_inputs(family)
+    queries = [backbone.query(red, QUESTION), backbone.query(red, "is it blue?")]
+    later = backbone.head_modules()[-1]  # the output head: must not run for keys
+    calls = []
+    hook = later.register_forward_hook(lambda *_: calls.append(1))
+    with Editor(backbone) as ed:
+        try:
+            keys = ed.keys(queries)
+        finally:
+            hook.remove()
+        batch = backbone.encode(queries)
+        with torch.no_grad(), ed.adapter.scope(batch.key_positions, mode="off") as state:
+            backbone.model(**backbone.model_inputs(batch), use_cache=False)
+    assert calls == []
+    assert keys.shape == (2, ed.spec.input_size)
+    assert torch.allclose(keys, state.keys, atol=1e-6)
+
+
+def test_agreement_check_matches_greedy_generation(family, backbone):
+    red = fact_inputs(family)
+    queries = [backbone.query(red, q) for q in (QUESTION, "is it blue?", "what colour is it?")]
+    with Editor(backbone, max_new_tokens=12, max_answer_tokens=12) as ed:
+        text, tokens = ed._unedited_answer(queries[0])
+        _, agrees = ed._keys_and_agreement(queries, tokens)
+        others = [ed._unedited_answer(q)[1] for q in queries]
+        changed = [tokens[0] + 1 if tokens[0] + 1 < 200 else 5, *tokens[1:]]
+        _, never = ed._keys_and_agreement(queries, changed)
+    assert text == ed.backbone.decode(tokens[:12])
+    assert agrees == [other == tokens for other in others] and agrees[0]
+    assert never == [other == changed for other in others] and not never[0]
+
+
+@pytest.mark.parametrize("vision_family", ["llava-llama", "blip2-opt"])
+def test_repeated_images_are_encoded_once_with_the_same_outputs(vision_family):
+    backbone = build(vision_family)
+    red, blue = image((230, 20, 20)), image((20, 20, 230), "circle")
+    queries = [backbone.query(red, QUESTION), backbone.query(blue, QUESTION), backbone.query(red, "is it red?"),
+               backbone.query(red, "what colour is it?")]
+    vision = backbone.model.get_submodule(backbone.family.vision)
+    seen = []
+    hook = vision.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True)
+    with Editor(backbone) as ed:
+        together = logits(backbone, ed, queries)
+        hook.remove()
+        alone = [logits(backbone, ed, [q])[0] for q in queries]
+    assert seen == [2]  # two distinct images in a batch of four
+    width = together.shape[1]
+    for row, single in enumerate(alone):
+        assert torch.allclose(together[row, width - single.shape[0]:], single, atol=1e-4)
