@@ -193,6 +193,8 @@ def main() -> None:
                 "rollback": lambda d=database, r=repeat: rollback(d["db"], d["head"] - 1 if r % 2 == 0 else d["head"]),
                 "export": lambda d=database: export(d, d["head"]),
             }
+            if database["first_full_version"] == database["head"]:
+                del operations["materialise_first_full"]  # the same version as the head
             for name, operation in operations.items():
                 if spent.get((index, name), 0.0) > args.budget_seconds:
                     continue
@@ -205,7 +207,7 @@ def main() -> None:
         row: dict[str, Any] = {"series": series, "versions": database["versions"], "entries": database["entries"],
                                "entries_stored": database["entries_stored"], "build_seconds": database["build_seconds"]}
         for name in ("materialise_head", "materialise_first_full", "rollback", "export"):
-            runs = samples[(index, name)]
+            runs = samples.get((index, name)) or samples[(index, "materialise_head")]
             row[name] = {key: round(statistics.median(run[key] for run in runs), 5) for key in runs[0]}
             row[name]["samples"] = len(runs)
         rows.append(row)
