@@ -1,0 +1,224 @@
+"""The audit trail: every change records who made it and from where, `kbctl history` shows it, and
+no kbctl command can edit or delete what is already recorded.
+
+The command set is enumerated from the Click group, so a new command or option fails
+`test_kbctl_offers_no_way_to_edit_or_delete_history` until it is reviewed and added to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+
+import click
+import pytest
+import sqlalchemy as sa
+from daemon_harness import Daemon
+from tiny_models import image, save
+
+from kb_daemon.cli import cli
+
+Q = "what shape is it?"
+FAST = ("--hparam", "max_steps=3", "--hparam", "max_new_tokens=8", "--hparam", "max_answer_tokens=8")
+
+# Every kbctl command with its options and what it may do to the database. "writes" commands only
+# ever add rows (facts, jobs, versions, a model) or move the head; "daemon" commands run the worker
+# (and beat) that turns queued jobs into new versions; "reads" commands change nothing.
+COMMANDS: dict[str, tuple[str, set[str]]] = {
+    "init": ("writes", {"--json"}),
+    "db upgrade": ("writes", {"--json"}),
+    "model add": ("writes", {"--actor", "--canary", "--canary-max-changed", "--hparam", "--ingest-source",
+                             "--json", "--layer", "--reference-pool"}),
+    "submit-fact": ("writes", {"--actor", "--answer", "--image", "--json", "--negative-image",
+                               "--negative-question", "--question", "--rephrase", "--timeout", "--wait"}),
+    "retract": ("writes", {"--actor", "--json", "--timeout", "--wait"}),
+    "rollback": ("writes", {"--actor", "--json", "--timeout", "--wait"}),
+    "promote": ("writes", {"--actor", "--json"}),
+    "ingest": ("writes", {"--actor", "--json", "--sync", "--timeout", "--wait"}),
+    "worker": ("daemon", {"--loglevel"}),
+    "up": ("daemon", {"--loglevel"}),
+    "beat": ("daemon", {"--loglevel"}),
+    "model list": ("reads", {"--json"}),
+    "ask": ("reads", {"--image", "--json", "--question", "--version"}),
+    "jobs": ("reads", {"--json", "--limit"}),
+    "status": ("reads", {"--json"}),
+    "history": ("reads", {"--json", "--limit"}),
+    "show": ("reads", {"--json"}),
+    "diff": ("reads", {"--json"}),
+    "export": ("reads", {"--json"}),  # writes files outside the database
+    # No database at all: an in-process demo, and the benchmark evaluation.
+    "demo": ("none", {"--answer"}),
+    "eval": ("none", {"--curve-every", "--hparam", "--json", "--limit", "--method", "--model", "--plot",
+                      "--pool", "--sequential"}),
+}
+GLOBAL_OPTIONS = {"--broker-url", "--database-url", "--debug", "--home", "--model", "--verbose", "--version",
+                  "-v"}
+# Words that would name a way to rewrite the record.
+FORBIDDEN = ("edit", "delete", "remove", "purge", "prune", "drop", "truncate", "amend", "squash", "rewrite",
+             "vacuum", "gc", "rename")
+
+
+def kbctl_commands(group: click.Group = cli, prefix: tuple[str, ...] = ()) -> dict[str, click.Command]:
+    """Every leaf command of kbctl, by its full name ("model add")."""
+    found: dict[str, click.Command] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found.update(kbctl_commands(command, (*prefix, name)))
+        else:
+            found[" ".join((*prefix, name))] = command
+    return found
+
+
+def options_of(command: click.Command) -> set[str]:
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)
+            if opt.startswith("-")}
+
+
+def test_kbctl_offers_no_way_to_edit_or_delete_history():
+    commands = kbctl_commands()
+    # A new command (or option) must be reviewed here: can it rewrite versions or the ledger?
+    assert set(commands) == set(COMMANDS)
+    for name, command in commands.items():
+        assert options_of(command) == COMMANDS[name][1], f"options of kbctl {name} changed; review them"
+        words = [name, *options_of(command)]
+        assert not [w for w in words for bad in FORBIDDEN if bad in w.split(" ")[-1].strip("-").split("-")]
+    assert options_of(cli) == GLOBAL_OPTIONS
+
+
+def audit_rows(url: str) -> dict[str, dict]:
+    """The recorded history, column for column: versions, facts' provenance, entries, spans, jobs."""
+    engine = sa.create_engine(url)
+    queries = {
+        "versions": "SELECT id, model_id, number, parent, kind, summary, content_sha256, num_entries, held, "
+                    "actor, source, job_id, created_at FROM versions",
+        "facts": "SELECT id, model_id, key, image_sha256, question, answer, rephrases, negatives, source, "
+                 "actor, submitted_at FROM facts",
+        "entries": "SELECT id, model_id, fact_id, blob_sha256, answer, input_id, base_radius FROM entries",
+        # A later version may close a span (set to_version); where it opened never changes.
+        "spans": "SELECT id, model_id, entry_id, from_version FROM entry_spans",
+        "jobs": "SELECT id, model_id, seq, kind, payload, actor, source, created_at FROM jobs",
+        "blobs": "SELECT sha256, kind, size, data FROM blobs",
+    }
+    with engine.connect() as connection:
+        rows = {name: {row[0]: tuple(row) for row in connection.execute(sa.text(sql))}
+                for name, sql in queries.items()}
+    engine.dispose()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    save("llava-llama", root / "model")
+    for i in range(4):
+        image((40 * i, 220 - 40 * i, 80), "circle" if i % 2 else "square").save(root / f"img{i}.png")
+    return root
+
+
+def write_source(folder: Path, assets: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        (folder / row["image"]).write_bytes((assets / row["image"]).read_bytes())
+    (folder / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.slow
+def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path, assets):
+    d = Daemon(tmp_path / "home")
+    gated = Daemon(d.home, model="gated")
+    url = d.env["KB_DATABASE_URL"]
+    exercised: set[str] = set()
+
+    def run(daemon: Daemon, *args: str, expect: int = 0):
+        name = args[0] if args[0] not in ("model", "db") else " ".join(args[:2])
+        exercised.add(name)
+        return daemon.kbctl(*args, expect=expect)
+
+    run(d, "init")
+    run(d, "model", "add", "tiny", str(assets / "model"), *FAST, "--actor", "alice")
+    d.start_worker("up")  # worker and beat
+    exercised.update({"up", "worker", "beat"})
+    try:
+        # Some history to protect: two edits, a batch.
+        first = run(d, "submit-fact", "--image", str(assets / "img0.png"), "--question", Q, "--answer", "a0",
+                    "--actor", "alice", "--wait", "--json")
+        run(d, "submit-fact", "--image", str(assets / "img1.png"), "--question", Q, "--answer", "a1",
+            "--wait", "--json")
+        source = write_source(tmp_path / "nightly", assets, [
+            {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2"},
+            {"key": "k3", "image": "img3.png", "question": Q, "answer": "a3"}])
+        run(d, "ingest", str(source), "--actor", "nightly-bot", "--wait", "--json")
+        history_before = d.kbctl("history", "--json")
+        before = audit_rows(url)
+
+        # Who and from where, as `kbctl history` shows them.
+        assert [(v["version"], v["kind"], v["actor"], v["source"]) for v in reversed(history_before)] == [
+            (0, "init", "alice", "cli"), (1, "edit", "alice", "cli"), (2, "edit", getpass.getuser(), "cli"),
+            (3, "batch", "nightly-bot", f"cli:{source.resolve()}")]
+        assert all(v["created_at"] and len(v["content_sha256"]) == 64 for v in history_before)
+        text = d.kbctl("history").output
+        assert "alice via cli" in text and "nightly-bot via cli:" in text
+
+        # Every command that writes, each with its own actor.
+        run(d, "init")
+        run(d, "db", "upgrade")
+        (tmp_path / "canary").mkdir()
+        (tmp_path / "canary" / "img0.png").write_bytes((assets / "img0.png").read_bytes())
+        canary = tmp_path / "canary" / "canary.jsonl"
+        canary.write_text(json.dumps({"image": "img0.png", "question": Q}) + "\n")
+        run(d, "model", "add", "gated", str(assets / "model"), "--hparam", "max_steps=300", "--hparam",
+            "max_new_tokens=16", "--hparam", "max_answer_tokens=16", "--canary", str(canary),
+            "--canary-max-changed", "0", "--actor", "carol")
+        submitted = run(d, "submit-fact", "--image", str(assets / "img1.png"), "--question", "and now?",
+                        "--answer", "a4", "--actor", "dave", "--wait", "--json")
+        run(d, "retract", first["fact_id"], "--actor", "erin", "--wait", "--json")
+        run(d, "rollback", "2", "--actor", "frank", "--wait", "--json")
+        source2 = write_source(tmp_path / "nightly2", assets, [
+            {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2 new"}])
+        run(d, "ingest", str(source2), "--sync", "--actor", "nightly-bot", "--wait", "--json")
+        gated.start_worker("worker")
+        held = run(gated, "ingest", str(write_source(tmp_path / "gated", assets, [
+            {"key": "g0", "image": "img0.png", "question": Q, "answer": "gated answer"}])),
+            "--actor", "gina", "--wait", "--json")
+        assert held["status"] == "held", held
+        held_before = audit_rows(url)["versions"]
+        run(gated, "promote", str(held["version"]), "--actor", "hank", "--json")
+        # Read-only commands too, for good measure.
+        for args in (("model", "list"), ("jobs",), ("status",), ("history",), ("show", "1"),
+                     ("diff", "1", "3"), ("export", "3", str(tmp_path / "export"))):
+            run(d, *args, "--json")
+        run(d, "ask", "--image", str(assets / "img0.png"), "--question", Q, "--version", "1", "--json")
+    finally:
+        d.stop_workers()
+        gated.stop_workers()
+    after = audit_rows(url)
+    history_after = d.kbctl("history", "--limit", "1000", "--json")
+
+    assert exercised == {name for name, (kind, _) in COMMANDS.items() if kind != "none"}
+    # Every row recorded before is still there, column for column (blob bytes included).
+    for table, rows in before.items():
+        changed = {key: (row, after[table].get(key))
+                   for key, row in rows.items() if after[table].get(key) != row}
+        assert not changed, f"{table} rows were rewritten: {changed}"
+    # History only grows, and its old part reads as before.
+    assert history_after[-len(history_before):] == history_before
+    assert [v["version"] for v in history_after] == list(range(len(history_after) - 1, -1, -1))
+    newer = {v["version"]: v for v in history_after[: len(history_after) - len(history_before)]}
+    assert [(newer[n]["kind"], newer[n]["actor"], newer[n]["source"]) for n in sorted(newer)] == [
+        ("edit", "dave", "cli"), ("retract", "erin", "cli"), ("rollback", "frank", "rollback"),
+        ("batch", "nightly-bot", f"cli:{source2.resolve()}")]
+    assert submitted["version"] == 4
+    # The one update of an existing version row: promote clears `held` and records who promoted.
+    held_row, promoted_row = held_before[max(held_before)], after["versions"][max(held_before)]
+    columns = ("id", "model_id", "number", "parent", "kind", "summary", "content_sha256", "num_entries",
+               "held", "actor", "source", "job_id", "created_at")
+    differs = {c for c, a, b in zip(columns, held_row, promoted_row, strict=True) if a != b}
+    assert differs == {"held", "summary"}
+    summary = json.loads(promoted_row[5]) if isinstance(promoted_row[5], str) else promoted_row[5]
+    held_summary = json.loads(held_row[5]) if isinstance(held_row[5], str) else held_row[5]
+    assert summary == {**held_summary, "promoted_by": "hank"}
+    gated_history = gated.kbctl("history", "--json")
+    assert [(v["kind"], v["actor"], v["held"]) for v in reversed(gated_history)] == [
+        ("init", "carol", False), ("batch", "gina", False)]
