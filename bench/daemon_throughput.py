@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -145,9 +146,13 @@ def through_daemon(chosen: list[tuple[Path, str, str]], mode: str, pool: str, th
             job_ids = [daemon.kbctl("submit-fact", "--image", str(image), "--question", question,
                                     "--answer", answer)["job_id"] for image, question, answer in measured]
         else:
+            # Ingestion reads images relative to the source file and refuses paths outside its folder.
             source = daemon.home / "facts.jsonl"
-            source.write_text("".join(json.dumps({"image": str(image), "question": question, "answer": answer}) + "\n"
-                                      for image, question, answer in measured))
+            lines = []
+            for image, question, answer in measured:
+                shutil.copyfile(image, daemon.home / image.name)
+                lines.append(json.dumps({"image": image.name, "question": question, "answer": answer}) + "\n")
+            source.write_text("".join(lines))
             job_ids = [daemon.kbctl("ingest", str(source))["job_id"]]
         submit_seconds = time.perf_counter() - tick
         jobs = daemon.wait_done(job_ids, timeout)
