@@ -17,7 +17,7 @@ from safetensors.torch import save as save_safetensors
 
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
-from editor.radius import arrive, pairwise_distances, resolve_overlaps
+from editor.radius import arrive, resolve_overlaps
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "kb-daemon-codebook"
@@ -88,7 +88,7 @@ class Codebook:
             self.keys = torch.zeros(0, self.spec.input_size)
             self.radii = torch.zeros(0)
             self.cut_by = ()
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def index_of(self, fact_id: str) -> int:
         for i, entry in enumerate(self.entries):
@@ -146,22 +146,31 @@ class Codebook:
         """For each query, the nearest entry whose ball contains it, else -1.
 
         queries (B, Din) -> (entry index (B,) int64, distance to it (B,) float; inf when none).
-        Only the B x N distances at key positions are computed, never B x T x N.
+        Only the B x N distances at key positions are computed, never B x T x N: one matrix
+        product against keys prepared once per device (squared norms, or unit keys for cosine).
         """
         if not self.entries:
             n = queries.shape[0]
             return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("inf"))
-        keys, radii = self._on_device(queries.device)
-        dist = pairwise_distances(queries, keys, self.spec.distance)  # (B, N)
-        inside = dist <= radii.unsqueeze(0)  # (B, N)
-        masked = torch.where(inside, dist, torch.full_like(dist, float("inf")))  # (B, N)
+        keys, norms, radii = self._on_device(queries.device)
+        q = queries.float()  # (B, Din)
+        if self.spec.distance == "cosine":
+            dist = (1.0 - torch.nn.functional.normalize(q, dim=-1) @ keys.T).clamp_min_(0.0)  # (B, N)
+        else:
+            squared = torch.addmm(norms.unsqueeze(0), q, keys.T, alpha=-2.0)  # (B, N)
+            dist = squared.add_((q * q).sum(dim=1, keepdim=True)).clamp_min_(0.0).sqrt_()  # (B, N)
+        masked = dist.masked_fill_(dist > radii.unsqueeze(0), float("inf"))  # (B, N)
         best_dist, best = masked.min(dim=1)  # (B,), (B,)
         best = torch.where(torch.isfinite(best_dist), best, torch.full_like(best, -1))
         return best.cpu(), best_dist.cpu()
 
-    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, squared key norms, radii) on `device`; unit keys (and unused norms) for cosine."""
         if device not in self._device_cache:
-            self._device_cache[device] = (self.keys.to(device), self.radii.to(device))
+            keys = self.keys.to(device=device, dtype=torch.float32)
+            if self.spec.distance == "cosine":
+                keys = torch.nn.functional.normalize(keys, dim=-1)
+            self._device_cache[device] = (keys, (keys * keys).sum(dim=1), self.radii.to(device))
         return self._device_cache[device]
 
     def copy(self) -> Codebook:

@@ -97,19 +97,71 @@ def resolve_overlaps(
     Entries with the same answer may overlap: together they cover both keys. Because the effective
     radii are a function of the entries alone, removing an entry and replaying gives exactly the
     radii the codebook would have had without it.
+
+    Radii only shrink, so only pairs whose base balls overlap can ever interact: those are found
+    first with blocked matrix products (with a safety margin), and the replay then visits only
+    them, with the same exact per-pair distances as `arrive` on its own.
     """
     n = keys.shape[0]
     radii = base_radii.float().clone()
     cut_by: list[list[int]] = [[] for _ in range(n)]
     codes = _answer_codes(answers)
+    candidates = _overlap_candidates(keys, radii, codes, distance)
     for i in range(1, n):
-        arrive(keys, radii, codes, i, distance, cut_by)
+        if candidates[i].numel():
+            arrive(keys, radii, codes, i, distance, cut_by, candidates[i])
     return SplitResult(radii, tuple(tuple(c) for c in cut_by))
+
+
+CANDIDATE_BLOCK_CELLS = 1 << 22  # distances per block of the candidate search (16 MB of float32)
+
+
+def _overlap_candidates(
+    keys: torch.Tensor, base_radii: torch.Tensor, codes: torch.Tensor, distance: Distance
+) -> list[torch.Tensor]:
+    """For each entry i, the earlier entries j < i with another answer whose base balls may overlap.
+
+    A superset of the pairs with exact distance below base_radii[i] + base_radii[j]: the blocked
+    products carry rounding that the margin covers.
+    """
+    n = keys.shape[0]
+    keys = keys.float()
+    if distance == "cosine":
+        unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, D)
+    else:
+        norms = (keys * keys).sum(dim=1)  # (N,)
+    block = max(1, CANDIDATE_BLOCK_CELLS // max(n, 1))
+    result: list[torch.Tensor] = []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        rows = torch.arange(start, stop)
+        reach = base_radii[rows].unsqueeze(1) + base_radii.unsqueeze(0)  # (R, N)
+        if distance == "cosine":
+            near = (1.0 - unit[rows] @ unit.T) <= reach + 1e-5  # (R, N)
+        else:
+            squared = norms[rows].unsqueeze(1) - 2.0 * keys[rows] @ keys.T + norms.unsqueeze(0)  # (R, N)
+            slack = 1e-5 * (norms[rows].unsqueeze(1) + norms.unsqueeze(0)) + 1e-6  # (R, N)
+            near = squared <= reach * reach + slack
+        near &= codes[rows].unsqueeze(1) != codes.unsqueeze(0)
+        near &= torch.arange(n).unsqueeze(0) < rows.unsqueeze(1)  # earlier entries only
+        result.extend(torch.nonzero(row).flatten() for row in near)
+    return result
 
 
 def _answer_codes(answers: list[str]) -> torch.Tensor:
     index: dict[str, int] = {}
     return torch.tensor([index.setdefault(a, len(index)) for a in answers], dtype=torch.long)
+
+
+def pair_distances(keys: torch.Tensor, i: int, others: torch.Tensor, distance: Distance) -> torch.Tensor:
+    """Exact distances from keys[i] to keys[others], one row at a time (no batch-dependent
+    rounding: the same pair always gets the same value). -> (len(others),)"""
+    key = keys[i].float()
+    chosen = keys[others].float()  # (M, D)
+    if distance == "cosine":
+        unit = torch.nn.functional.normalize(key, dim=-1)
+        return (1.0 - (torch.nn.functional.normalize(chosen, dim=-1) * unit).sum(dim=-1)).clamp_min(0.0)
+    return (chosen - key).norm(dim=-1)
 
 
 def arrive(
@@ -119,19 +171,22 @@ def arrive(
     i: int,
     distance: Distance,
     cut_by: list[list[int]] | None = None,
+    candidates: torch.Tensor | None = None,
 ) -> None:
-    """Apply the overlap rule for entry `i` against entries 0..i-1, updating `radii` in place."""
-    d = pairwise_distances(keys[i : i + 1], keys[:i], distance)[0]  # (i,)
-    overlapping = (codes[:i] != codes[i]) & (d < radii[:i] + radii[i])  # (i,)
+    """Apply the overlap rule for entry `i` against entries 0..i-1 (or only `candidates`, sorted
+    ascending, when every other earlier entry is known not to overlap), updating `radii` in place."""
+    others = torch.arange(i) if candidates is None else candidates  # (M,)
+    d = pair_distances(keys, i, others, distance)  # (M,)
+    overlapping = (codes[others] != codes[i]) & (d < radii[others] + radii[i])  # (M,)
     if not bool(overlapping.any()):
         return
-    half = d / 2.0  # (i,)
-    cut_earlier = overlapping & (radii[:i] > half)  # (i,)
+    half = d / 2.0  # (M,)
+    cut_earlier = overlapping & (radii[others] > half)  # (M,)
     new_radius = float(torch.where(overlapping, half, radii[i].expand_as(half)).min())
     if cut_by is not None:
-        for j in torch.nonzero(cut_earlier).flatten().tolist():
+        for j in others[cut_earlier].tolist():
             cut_by[j].append(i)
         if new_radius < float(radii[i]):
-            cut_by[i].extend(torch.nonzero(overlapping & (half < radii[i])).flatten().tolist())
-    radii[:i] = torch.where(cut_earlier, half, radii[:i])
+            cut_by[i].extend(others[overlapping & (half < radii[i])].tolist())
+    radii[others] = torch.where(cut_earlier, half, radii[others])
     radii[i] = min(float(radii[i]), new_radius)

@@ -184,3 +184,47 @@ def test_incremental_arrivals_equal_a_full_replay():
     assert torch.equal(replayed.radii, book.radii)
     assert replayed.cut_by == book.cut_by
     assert float(book.radii.min()) < 0.3  # the sample really exercised the split rule
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_replay_over_candidate_pairs_equals_the_rule_over_all_pairs(distance):
+    from editor.radius import _answer_codes, arrive, resolve_overlaps
+
+    generator = torch.Generator().manual_seed(7)
+    n, width = 600, 16
+    keys = torch.randn(n, width, generator=generator) * 3 + 10  # large norms: mm rounding matters
+    base = torch.rand(n, generator=generator) * (12.0 if distance == "euclidean" else 0.05)
+    answers = [f"a{i % 7}" for i in range(n)]
+    fast = resolve_overlaps(keys, base, answers, distance)
+    # The rule itself, against every earlier entry, one arrival at a time.
+    radii, cut_by, codes = base.clone(), [[] for _ in range(n)], _answer_codes(answers)
+    for i in range(1, n):
+        arrive(keys, radii, codes, i, distance, cut_by)
+    assert torch.equal(fast.radii, radii)
+    assert fast.cut_by == tuple(tuple(c) for c in cut_by)
+    assert sum(map(len, cut_by)) > 100  # many real splits
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_lookup_finds_the_nearest_ball_that_contains_the_query(distance):
+    from editor.radius import pairwise_distances
+
+    generator = torch.Generator().manual_seed(11)
+    spec = CodebookSpec("model-x", "layers.1.fc2", 32, 3, distance)
+    keys = torch.randn(300, 32, generator=generator) + 5
+    radius = 2.0 if distance == "euclidean" else 0.01
+    book = Codebook(spec, {}, [Entry(f"e{i}", "same", f"i{i}", keys[i], torch.zeros(1, 3), radius)
+                               for i in range(300)])
+    queries = torch.cat([keys[:50] + 0.05 * torch.randn(50, 32, generator=generator),
+                         torch.randn(50, 32, generator=generator) * 20])
+    found, dist = book.lookup(queries)
+    exact = pairwise_distances(queries, book.keys, distance)  # (B, N)
+    inside = exact <= book.radii.unsqueeze(0)
+    for row in range(queries.shape[0]):
+        if inside[row].any():
+            nearest = torch.where(inside[row], exact[row], torch.inf).argmin()
+            assert int(found[row]) == int(nearest)
+            assert abs(float(dist[row]) - float(exact[row, nearest])) < 1e-3
+        else:
+            assert int(found[row]) == -1 and dist[row] == float("inf")
+    assert int((found >= 0).sum()) >= 50
