@@ -228,6 +228,7 @@ class Backbone:
         answer_prefix: str | None = None,
         edit_layer: str | None = None,
         name: str | None = None,
+        model_id: str | None = None,
     ) -> None:
         self.model = model.eval()
         for parameter in self.model.parameters():
@@ -244,7 +245,7 @@ class Backbone:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.eos_token_id
         self.default_layer = edit_layer or self._default_layer()
-        self._model_id: str | None = None
+        self._model_id: str | None = model_id
         if self.family.vision:
             share_repeated_images(self.model.get_submodule(self.family.vision))
 
@@ -292,12 +293,17 @@ class Backbone:
 
     @property
     def model_id(self) -> str:
-        """Fingerprint of the base model: family, config and the default edited layer's weights."""
+        """Fingerprint of the base model: family, config and the last decoder layer's weights.
+
+        Models loaded from a directory are fingerprinted from the checkpoint files, so the same
+        checkpoint has the same id in any dtype and on any device (a bf16 GPU worker and a CPU
+        `kbctl ask` share codebooks); model objects from the weights they hold.
+        """
         if self._model_id is None:
             digest = hashlib.sha256(self.family.name.encode())
             config = getattr(self.model, "config", None)
             if config is not None:
-                digest.update(config.to_json_string(use_diff=False).encode())
+                digest.update(_config_text(config).encode())
             for _, tensor in sorted(self.decoder_layers[-1].state_dict().items()):
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
             self._model_id = digest.hexdigest()[:32]
@@ -434,6 +440,65 @@ class Backbone:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" (or None): the first CUDA GPU when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise EditorError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EditorError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto" (or None): bfloat16 on a GPU that supports it, else float32. The codebook's keys,
+    values and distances stay float32 whatever the base weights are."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise EditorError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _config_text(config: Any) -> str:
+    """The model config as JSON without its dtype fields (at any depth)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("dtype", "torch_dtype")}
+        return value
+
+    return json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+
+
+def checkpoint_fingerprint(path: Path, family: FamilySpec, config: Any, last_layer: int) -> str:
+    """Family, config (minus dtype) and the stored bytes of every checkpoint tensor of layer
+    `last_layer` (text decoder and, for vision models, the tower's layer of that index)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256(family.name.encode())
+    digest.update(_config_text(config).encode())
+    marker = f".layers.{last_layer}."
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                if marker in f".{name}":
+                    tensor = handle.get_tensor(name).contiguous()
+                    digest.update(name.encode())
+                    digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
 def load_backbone(
     path_or_model: str | os.PathLike[str] | nn.Module,
     processor: Any = None,
@@ -442,11 +507,13 @@ def load_backbone(
     answer_prefix: str | None = None,
     edit_layer: str | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Backbone:
     """A `Backbone` from "demo", a local model directory, or a model object plus its processor.
 
-    Nothing is downloaded: directories must hold the weights, config and processor/tokenizer.
+    Nothing is downloaded: directories must hold the weights (safetensors only), config and
+    processor/tokenizer. `device` and `dtype` ("auto" picks a GPU and bfloat16 when there is one)
+    apply to directory loads; a model object is used where and as it is.
     """
     if isinstance(path_or_model, nn.Module):
         if processor is None:
@@ -467,17 +534,19 @@ def load_backbone(
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    if not any(path.glob("*.safetensors")):
+        raise EditorError(f"{str(path)!r} holds no .safetensors weights (pickled weights are not loaded)")
+    target = resolve_device(device)
+    # use_safetensors: never unpickle a checkpoint.
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True,
+                              "dtype": resolve_dtype(dtype, target)}
     if config.model_type == "llava":
         model = transformers.LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     elif config.model_type == "blip-2":
         model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device is not None:
-        model = model.to(device)
+    model = model.to(target)
     family = detect_family(model)
     if processor is None:
         if family.needs_image:
@@ -490,5 +559,6 @@ def load_backbone(
         answer_prefix=answer_prefix if answer_prefix is not None else settings.get("answer_prefix"),
         edit_layer=edit_layer or settings.get("edit_layer"),
         name=str(path),
+        model_id=checkpoint_fingerprint(path, family, model.config, len(model.get_submodule(family.decoder_layers)) - 1),
     )
     return backbone

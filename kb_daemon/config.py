@@ -37,6 +37,10 @@ class Settings:
     batch_checkpoint_facts: int = 20
     # How long a SQLite writer waits for the lock before the operation fails (and is retried).
     sqlite_busy_seconds: float = 30.0
+    # Where workers and `kbctl ask` run the model, and the base weights' dtype ("auto": a CUDA
+    # GPU with bfloat16 when there is one, else the CPU with float32). Codebook math is float32.
+    device: str = "auto"
+    dtype: str = "auto"
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 16_000_000
 
@@ -62,6 +66,12 @@ class Settings:
             except ValueError as exc:
                 raise InvalidInput(f"KB_BATCH_CHECKPOINT_FACTS must be an integer, got "
                                    f"{env['KB_BATCH_CHECKPOINT_FACTS']!r}") from exc
+        if env.get("KB_DEVICE"):
+            overrides["device"] = env["KB_DEVICE"]
+        if env.get("KB_DTYPE"):
+            if env["KB_DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
+                raise InvalidInput(f"KB_DTYPE must be auto, float32, bfloat16 or float16, got {env['KB_DTYPE']!r}")
+            overrides["dtype"] = env["KB_DTYPE"]
         if env.get("KB_INGEST_SCHEDULE"):
             overrides["ingest_schedule"] = env["KB_INGEST_SCHEDULE"]
         return replace(settings, **overrides) if overrides else settings

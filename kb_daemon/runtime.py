@@ -61,8 +61,12 @@ class ModelRuntime:
     def __init__(self, model: Model) -> None:
         import editor
 
+        from kb_daemon.config import Settings
+
+        settings = Settings.from_env()
         self.name = model.name
-        backbone = editor.load_backbone(model.path, edit_layer=model.layer)
+        backbone = editor.load_backbone(model.path, edit_layer=model.layer, device=settings.device,
+                                        dtype=settings.dtype)
         self.editor = editor.Editor(backbone, layer=model.layer,
                                     reference_pool=load_reference_pool(model.reference_pool),
                                     **dict(model.hparams))
