@@ -1,0 +1,263 @@
+"""A nightly batch of N new facts through the real queue on the demo model, with a real worker.
+
+Builds a nightly source of N rows (easy-VQA train images, one image per row, each row a new
+question/answer pair so every fact is new), starts `kbctl worker` as its own process, warms it up
+with one `kbctl submit-fact --wait` (model, reference pool and hard-negative index loaded), runs
+`kbctl ingest`, waits for the batch job, and reports:
+
+- wall time of the batch (ingest to job done) and facts per minute;
+- the worker's resident memory (VmRSS, and the peak VmHWM, from /proc/<pid>/status) after the
+  warm-up and after the batch, and the growth;
+- the size in bytes of the final codebook's tensors (keys + values + radii).
+
+The issue's bar: RSS growth after the batch no more than the codebook itself.
+
+    python bench/nightly_batch.py                 # 1,000 facts -> bench/results/nightly_batch.json
+    python bench/nightly_batch.py --quick         # 20 facts    -> bench/results/nightly_batch-quick.json
+    python bench/nightly_batch.py --facts 200 --out /tmp/nb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+KBCTL = [sys.executable, "-m", "kb_daemon.cli"]
+WARM_UP_QUESTION = "what shape is in the image?"
+# Memory is read from the idle worker: a job's status turns "done" at its commit, and the worker
+# then returns freed memory to the system (workers.runner.release_free_memory) before it idles.
+SETTLE_SECONDS = 2.0
+
+
+@dataclass
+class BatchMeasurement:
+    facts: int
+    job_status: str
+    version: int
+    batch_seconds: float
+    facts_per_minute: float
+    worker_pid: int
+    rss_after_warm_up_bytes: int
+    hwm_after_warm_up_bytes: int
+    rss_after_batch_bytes: int
+    hwm_after_batch_bytes: int
+    rss_growth_bytes: int
+    codebook_entries: int
+    codebook_tensor_bytes: int
+    codebook_keys_bytes: int
+    codebook_values_bytes: int
+    codebook_radii_bytes: int
+    warm_up_seconds: float
+    rss_samples: list[tuple[int, int]]  # (facts done, VmRSS bytes) every few seconds during the batch
+    fact_ids_in_version: list[str]
+    fact_ids_submitted: list[str]
+
+    @property
+    def growth_within_codebook(self) -> bool:
+        return self.rss_growth_bytes <= self.codebook_tensor_bytes
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            number, unit = rest.split()
+            assert unit == "kB", unit
+            values[name] = int(number) * 1024
+    return values
+
+
+def write_source(folder: Path, facts: int) -> list[dict[str, Any]]:
+    """A nightly source of `facts` rows on distinct easy-VQA train images, each a new fact."""
+    from easy_vqa import get_train_image_paths, get_train_questions
+
+    questions, answers, image_ids = get_train_questions()
+    paths = get_train_image_paths()
+    first: dict[int, tuple[str, str]] = {}
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        first.setdefault(image_id, (question, answer))
+    # The first train images (the reference pool uses the last ones); one image per row.
+    chosen = sorted(first)[:facts]
+    if len(chosen) < facts:
+        raise SystemExit(f"easy-VQA has only {len(chosen)} train images; asked for {facts} facts")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, image_id in enumerate(chosen):
+        question, answer = first[image_id]
+        name = f"img{image_id:04d}.png"
+        (folder / name).write_bytes(Path(paths[image_id]).read_bytes())
+        rows.append({"key": f"nightly-{i:05d}", "image": name, "question": question,
+                     "answer": f"{answer} {i}"})
+    (folder / "nightly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def warm_up_image(folder: Path) -> Path:
+    """An easy-VQA train image outside the batch's images, for the warm-up fact."""
+    from easy_vqa import get_train_image_paths
+
+    paths = get_train_image_paths()
+    target = folder / "warm-up.png"
+    target.write_bytes(Path(paths[len(paths) // 2]).read_bytes())
+    return target
+
+
+def kbctl(env: dict[str, str], *args: str) -> Any:
+    completed = subprocess.run([*KBCTL, *args], env=env, capture_output=True, text=True, cwd=ROOT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"kbctl {' '.join(args)} -> {completed.returncode}\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout) if "--json" in args else completed.stdout
+
+
+def codebook_bytes(env: dict[str, str], model_name: str, version: int) -> dict[str, Any]:
+    """Size of the tensors of `version`'s codebook, materialised from the database."""
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database
+    from kb_daemon.queue import get_model
+    from kb_daemon.snapshots import materialise
+
+    db = Database(Settings.from_env(env))
+    with db.session() as session:
+        codebook = materialise(session, get_model(session, model_name), version)
+    keys = codebook.keys.element_size() * codebook.keys.nelement()
+    values = sum(e.values.element_size() * e.values.nelement() for e in codebook.entries)
+    radii = codebook.radii.element_size() * codebook.radii.nelement()
+    return {"entries": len(codebook.entries), "keys": keys, "values": values, "radii": radii,
+            "fact_ids": codebook.fact_ids}
+
+
+def run(home: Path, facts: int, *, timeout_seconds: float = 3600.0, log=print) -> BatchMeasurement:
+    """Build the source, start a worker, warm it up, ingest, wait; measure. Stops the worker."""
+    from kb_daemon.config import DEFAULT_MODEL, Settings
+    from kb_daemon.db import Database
+    from kb_daemon.queue import get_job
+
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "KB_HOME": str(home), "KB_DATABASE_URL": f"sqlite:///{home / 'kb.sqlite3'}",
+           "KB_BROKER_URL": f"sqla+sqlite:///{home / 'broker.sqlite3'}", "KB_MODEL": DEFAULT_MODEL,
+           "KB_POLLING_SECONDS": "0.2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    source = home / "nightly"
+    write_source(source, facts)
+    kbctl(env, "init")
+    log_file = open(home / "worker.log", "wb")
+    worker = subprocess.Popen([*KBCTL, "worker", "--loglevel", "INFO"], env=env, cwd=ROOT, stdout=log_file,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = time.perf_counter()
+        kbctl(env, "submit-fact", "--image", str(warm_up_image(home)), "--question", WARM_UP_QUESTION,
+              "--answer", "warm-up shape", "--wait", "--timeout", "900", "--actor", "bench", "--json")
+        warm_up_seconds = time.perf_counter() - started
+        time.sleep(SETTLE_SECONDS)
+        before = memory_of(worker.pid)
+        log(f"worker {worker.pid} warmed up in {warm_up_seconds:.1f} s: "
+            f"RSS {before['VmRSS'] / 2**20:.1f} MiB")
+
+        started = time.perf_counter()
+        ingested = kbctl(env, "ingest", str(source), "--actor", "bench", "--json")
+        assert ingested["new"] == facts and ingested["job_id"] is not None, ingested
+        db = Database(Settings.from_env(env))
+        deadline = time.monotonic() + timeout_seconds
+        last_report = last_sample = 0.0
+        samples: list[tuple[int, int]] = []
+        while True:
+            with db.session() as session:
+                job = get_job(session, ingested["job_id"])
+                status, done, result = job.status, job.progress_done, job.result or {}
+            if status in ("done", "failed", "held"):
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited ({worker.returncode}); see {home / 'worker.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"batch not done after {timeout_seconds:.0f} s ({done}/{facts})")
+            if time.monotonic() - last_sample > 10:
+                last_sample = time.monotonic()
+                samples.append((done, memory_of(worker.pid)["VmRSS"]))
+            if time.monotonic() - last_report > 60:
+                last_report = time.monotonic()
+                log(f"{done}/{facts} facts after {time.perf_counter() - started:.0f} s")
+            time.sleep(0.5)
+        batch_seconds = time.perf_counter() - started
+        time.sleep(SETTLE_SECONDS)
+        after = memory_of(worker.pid)
+        db.engine.dispose()
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        log_file.close()
+    if status != "done":
+        raise RuntimeError(f"batch job ended {status}; see {home / 'worker.log'}")
+    version = int(result["version"])
+    sizes = codebook_bytes(env, DEFAULT_MODEL, version)
+    submitted = ingested_fact_ids(env, ingested["job_id"])
+    return BatchMeasurement(
+        facts=facts, job_status=status, version=version, batch_seconds=round(batch_seconds, 1),
+        facts_per_minute=round(facts / batch_seconds * 60, 1), worker_pid=worker.pid,
+        rss_after_warm_up_bytes=before["VmRSS"], hwm_after_warm_up_bytes=before["VmHWM"],
+        rss_after_batch_bytes=after["VmRSS"], hwm_after_batch_bytes=after["VmHWM"],
+        rss_growth_bytes=after["VmRSS"] - before["VmRSS"], codebook_entries=sizes["entries"],
+        codebook_tensor_bytes=sizes["keys"] + sizes["values"] + sizes["radii"],
+        codebook_keys_bytes=sizes["keys"], codebook_values_bytes=sizes["values"],
+        codebook_radii_bytes=sizes["radii"], warm_up_seconds=round(warm_up_seconds, 1), rss_samples=samples,
+        fact_ids_in_version=sizes["fact_ids"], fact_ids_submitted=submitted,
+    )
+
+
+def ingested_fact_ids(env: dict[str, str], job_id: int) -> list[str]:
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database
+    from kb_daemon.queue import get_job
+
+    db = Database(Settings.from_env(env))
+    with db.session() as session:
+        return list(get_job(session, job_id).payload["facts"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--facts", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="20 facts (a smoke run of the same path)")
+    parser.add_argument("--home", type=Path, help="data directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    facts = 20 if args.quick else args.facts
+    name = "nightly_batch-quick.json" if args.quick else "nightly_batch.json"
+    out = args.out or ROOT / "bench" / "results" / name
+    with tempfile.TemporaryDirectory(prefix="kb-nightly-") as tmp:
+        m = run(args.home or Path(tmp), facts)
+    report = {k: v for k, v in asdict(m).items() if not k.startswith("fact_ids")}
+    report.update({
+        "benchmark": "nightly_batch", "model": "demo",
+        "applied_in_order": m.fact_ids_in_version[-facts:] == m.fact_ids_submitted,
+        "rss_growth_within_codebook": m.growth_within_codebook,
+        "mib": {k.replace("_bytes", ""): round(v / 2**20, 2)
+                for k, v in asdict(m).items() if k.endswith("_bytes")},
+        "machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "load_average": os.getloadavg(), "platform": platform.platform()},
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
