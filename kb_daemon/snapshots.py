@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from kb_daemon.errors import Conflict, KbError, NotFound
@@ -59,11 +59,17 @@ def get_version(session: Session, model: Model, number: int) -> Version:
         select(Version).where(Version.model_id == model.id, Version.number == number)
     ).scalar_one_or_none()
     if version is None:
-        latest = session.execute(
-            select(Version.number).where(Version.model_id == model.id).order_by(Version.number.desc())
-        ).scalars().first()
+        latest = latest_number(session, model)
         raise NotFound(f"model {model.name!r} has no version {number} (versions 0..{latest})")
     return version
+
+
+def latest_number(session: Session, model: Model) -> int | None:
+    """The highest version number of `model` (held versions included), None before the first.
+
+    MAX() reads one index entry; an ORM `.first()` without LIMIT would fetch every version number.
+    """
+    return session.execute(select(func.max(Version.number)).where(Version.model_id == model.id)).scalar()
 
 
 def entries_at(session: Session, model: Model, number: int) -> list[Entry]:
@@ -111,9 +117,7 @@ def commit_version(
 
     The caller holds the model's lock (see queue.lock_model) and commits the session.
     """
-    number = (session.execute(
-        select(Version.number).where(Version.model_id == model.id).order_by(Version.number.desc())
-    ).scalars().first() or 0) + 1
+    number = (latest_number(session, model) or 0) + 1
     wanted = {e.id for e in entries}
     open_spans = list(session.execute(
         select(EntrySpan).where(EntrySpan.model_id == model.id, EntrySpan.to_version.is_(None))
@@ -124,7 +128,11 @@ def commit_version(
             span.to_version = number
     for entry_id in sorted(wanted - open_ids):
         session.add(EntrySpan(model_id=model.id, entry_id=entry_id, from_version=number, to_version=None))
-    parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
+    # The open spans are the entries of the latest version: no second scan when that is the parent.
+    if parent == number - 1:
+        parent_ids = set(open_ids)
+    else:
+        parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
     fact_of = {e.id: e.fact_id for e in entries}
     removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - wanted))).scalars()
     summary = {
