@@ -11,9 +11,11 @@ layer (Din 512, Dout 128, 3-12 answer steps):
 Target: flat along the history series, linear along the size series. Measured per database:
 `materialise` of the head and of the first full version (deep in the history), with the share spent
 finding the rows (`entries_at`) and reading the blobs (`get_blobs` + decode); the rest is building
-the `editor.Codebook`, which replays GRACE's overlap rule. `rollback` does what the worker does
-(materialise the target, then record a new version holding its entries), alternating between the
-previous head and the head. `export` runs `kbctl export` in process.
+the `editor.Codebook`, which replays GRACE's overlap rule (candidate pairs found by blocked matrix
+products over all N x N pairs, so this part grows faster than N). `spans` is the number of span
+rows of the model: the span query for the head reads all of them (see `entries_at`). `rollback`
+does what the worker does (materialise the target, then record a new version holding its
+entries), alternating between the previous head and the head. `export` runs `kbctl export` in process.
 
     python bench/snapshot_costs.py --out bench/results/snapshot_costs.json
 """
@@ -52,8 +54,13 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
     generator = torch.Generator().manual_seed(seed)
     with db.session() as session:
         model = register_model(session, "bench", "demo", actor="bench")
-        model.spec = {"model_id": "bench", "layer": "layer", "input_size": INPUT_SIZE,
-                      "output_size": OUTPUT_SIZE, "distance": "euclidean"}
+        model.spec = {
+            "model_id": "bench",
+            "layer": "layer",
+            "input_size": INPUT_SIZE,
+            "output_size": OUTPUT_SIZE,
+            "distance": "euclidean",
+        }
     live: list[str] = []
     made = 0
     started = time.perf_counter()
@@ -68,20 +75,50 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
                     live.pop(0)
                     adds = 1
                 for _ in range(adds):
-                    fact = record_fact(session, model, FactInput(None, f"question {made}?", f"answer {made}"),
-                                       actor="bench", source="bench")
+                    fact = record_fact(
+                        session,
+                        model,
+                        FactInput(None, f"question {made}?", f"answer {made}"),
+                        actor="bench",
+                        source="bench",
+                    )
                     steps = rng.randint(3, 12)
-                    store_entry(session, model, EditorEntry(
-                        fact.id, f"answer {made}", f"input-{made}", torch.randn(INPUT_SIZE, generator=generator),
-                        torch.randn(steps, OUTPUT_SIZE, generator=generator), rng.uniform(1, 5)))
+                    store_entry(
+                        session,
+                        model,
+                        EditorEntry(
+                            fact.id,
+                            f"answer {made}",
+                            f"input-{made}",
+                            torch.randn(INPUT_SIZE, generator=generator),
+                            torch.randn(steps, OUTPUT_SIZE, generator=generator),
+                            rng.uniform(1, 5),
+                        ),
+                    )
                     live.append(fact.id)
                     made += 1
-                commit_version(session, model, parent=model.head_version, kind="edit",
-                               entries=entry_rows_for(session, model, live), actor="bench", source="bench",
-                               job_id=None, summary={})
-    return {"db": db, "url": url, "home": home, "entries": entries, "versions": versions,
-            "entries_stored": made, "build_seconds": round(time.perf_counter() - started, 2),
-            "first_full_version": growth, "head": versions}
+                commit_version(
+                    session,
+                    model,
+                    parent=model.head_version,
+                    kind="edit",
+                    entries=entry_rows_for(session, model, live),
+                    actor="bench",
+                    source="bench",
+                    job_id=None,
+                    summary={},
+                )
+    return {
+        "db": db,
+        "url": url,
+        "home": home,
+        "entries": entries,
+        "versions": versions,
+        "entries_stored": made,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "first_full_version": growth,
+        "head": versions,
+    }
 
 
 def materialise_parts(db: Any, number: int) -> dict[str, float]:
@@ -105,8 +142,22 @@ def materialise_parts(db: Any, number: int) -> dict[str, float]:
         for row in rows:
             entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
         blobs_seconds = time.perf_counter() - tick
-    return {"seconds": total, "rows_seconds": rows_seconds, "blobs_seconds": blobs_seconds,
-            "codebook_seconds": max(0.0, total - rows_seconds - blobs_seconds), "entries": len(codebook)}
+    return {
+        "seconds": total,
+        "rows_seconds": rows_seconds,
+        "blobs_seconds": blobs_seconds,
+        "codebook_seconds": max(0.0, total - rows_seconds - blobs_seconds),
+        "entries": len(codebook),
+    }
+
+
+def span_count(db: Any) -> int:
+    from sqlalchemy import func, select
+
+    from kb_daemon.models import EntrySpan
+
+    with db.session() as session:
+        return int(session.execute(select(func.count()).select_from(EntrySpan)).scalar_one())
 
 
 def rollback(db: Any, target: int) -> dict[str, float]:
@@ -121,11 +172,24 @@ def rollback(db: Any, target: int) -> dict[str, float]:
     with db.session() as session:
         model = lock_model(session, get_model(session, "bench").id)
         rows = entry_rows_for(session, model, codebook.fact_ids)
-        commit_version(session, model, parent=model.head_version, kind="rollback", entries=rows,
-                       actor="bench", source="bench", job_id=None, summary={"rolled_back_to": target})
+        commit_version(
+            session,
+            model,
+            parent=model.head_version,
+            kind="rollback",
+            entries=rows,
+            actor="bench",
+            source="bench",
+            job_id=None,
+            summary={"rolled_back_to": target},
+        )
     total = time.perf_counter() - tick
-    return {"seconds": total, "materialise_seconds": loaded, "commit_seconds": total - loaded,
-            "entries": len(codebook)}
+    return {
+        "seconds": total,
+        "materialise_seconds": loaded,
+        "commit_seconds": total - loaded,
+        "entries": len(codebook),
+    }
 
 
 def export(database: dict[str, Any], number: int) -> dict[str, float]:
@@ -135,11 +199,16 @@ def export(database: dict[str, Any], number: int) -> dict[str, float]:
     from kb_daemon.cli import cli
 
     target = database["home"] / "export"
-    env = {"KB_HOME": str(database["home"]), "KB_DATABASE_URL": database["url"], "KB_MODEL": "bench",
-           "KB_BROKER_URL": "memory://"}
+    env = {
+        "KB_HOME": str(database["home"]),
+        "KB_DATABASE_URL": database["url"],
+        "KB_MODEL": "bench",
+        "KB_BROKER_URL": "memory://",
+    }
     tick = time.perf_counter()
-    result = CliRunner().invoke(cli, ["export", str(number), str(target), "--json"], env=env,
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["export", str(number), str(target), "--json"], env=env, catch_exceptions=False
+    )
     seconds = time.perf_counter() - tick
     if result.exit_code != 0:
         raise RuntimeError(f"kbctl export failed: {result.output}")
@@ -150,19 +219,31 @@ def export(database: dict[str, Any], number: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--history", default="100,1000,10000", help="versions in the history series")
-    parser.add_argument("--history-entries", type=int, default=100, help="codebook size in the history series")
+    parser.add_argument(
+        "--history-entries", type=int, default=100, help="codebook size in the history series"
+    )
     parser.add_argument("--sizes", default="100,1000,10000", help="codebook sizes in the size series")
     parser.add_argument("--size-versions", type=int, default=100, help="versions in the size series")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-seconds", type=float, default=60.0,
-                        help="stop repeating one operation on one database after this long (at least one run)")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=60.0,
+        help="stop repeating one operation on one database after this long (at least one run)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/snapshot_costs.json"))
     args = parser.parse_args()
     if args.quick:
-        args.history, args.history_entries, args.sizes, args.size_versions, args.repeats = "10,30", 10, "10,30", 10, 2
+        args.history, args.history_entries, args.sizes, args.size_versions, args.repeats = (
+            "10,30",
+            10,
+            "10,30",
+            10,
+            2,
+        )
 
     import torch
 
@@ -173,14 +254,34 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="kb-snapshot-costs-"))
     databases = []
     for versions in history:
-        databases.append(("history", build(root / f"history-{versions}", args.history_entries, versions,
-                                           min(growth, versions), args.seed)))
+        databases.append(
+            (
+                "history",
+                build(
+                    root / f"history-{versions}",
+                    args.history_entries,
+                    versions,
+                    min(growth, versions),
+                    args.seed,
+                ),
+            )
+        )
     for entries in sizes:
         if entries == args.history_entries and args.size_versions in history:
             databases.append(("size", next(d for s, d in databases if d["versions"] == args.size_versions)))
             continue
-        databases.append(("size", build(root / f"size-{entries}", entries, args.size_versions,
-                                        min(growth, args.size_versions), args.seed)))
+        databases.append(
+            (
+                "size",
+                build(
+                    root / f"size-{entries}",
+                    entries,
+                    args.size_versions,
+                    min(growth, args.size_versions),
+                    args.seed,
+                ),
+            )
+        )
 
     samples: dict[tuple[int, str], list[dict[str, float]]] = {}
     spent: dict[tuple[int, str], float] = {}
@@ -188,9 +289,13 @@ def main() -> None:
         for index, (_series, database) in enumerate(databases):
             operations = {
                 "materialise_head": lambda d=database: materialise_parts(d["db"], d["head"]),
-                "materialise_first_full": lambda d=database: materialise_parts(d["db"], d["first_full_version"]),
+                "materialise_first_full": lambda d=database: materialise_parts(
+                    d["db"], d["first_full_version"]
+                ),
                 # Alternate between the previous head and the head: every rollback changes the content.
-                "rollback": lambda d=database, r=repeat: rollback(d["db"], d["head"] - 1 if r % 2 == 0 else d["head"]),
+                "rollback": lambda d=database, r=repeat: rollback(
+                    d["db"], d["head"] - 1 if r % 2 == 0 else d["head"]
+                ),
                 "export": lambda d=database: export(d, d["head"]),
             }
             if database["first_full_version"] == database["head"]:
@@ -204,8 +309,14 @@ def main() -> None:
 
     rows = []
     for index, (series, database) in enumerate(databases):
-        row: dict[str, Any] = {"series": series, "versions": database["versions"], "entries": database["entries"],
-                               "entries_stored": database["entries_stored"], "build_seconds": database["build_seconds"]}
+        row: dict[str, Any] = {
+            "series": series,
+            "versions": database["versions"],
+            "entries": database["entries"],
+            "entries_stored": database["entries_stored"],
+            "spans": span_count(database["db"]),
+            "build_seconds": database["build_seconds"],
+        }
         for name in ("materialise_head", "materialise_first_full", "rollback", "export"):
             runs = samples.get((index, name)) or samples[(index, "materialise_head")]
             row[name] = {key: round(statistics.median(run[key] for run in runs), 5) for key in runs[0]}
@@ -214,9 +325,15 @@ def main() -> None:
         database["db"].engine.dispose()
 
     report = {
-        "benchmark": "snapshot_costs", "quick": args.quick, "repeats": args.repeats,
-        "budget_seconds": args.budget_seconds, "input_size": INPUT_SIZE, "output_size": OUTPUT_SIZE,
-        "database": "sqlite", "rows": rows, "ratios": ratios(rows),
+        "benchmark": "snapshot_costs",
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "budget_seconds": args.budget_seconds,
+        "input_size": INPUT_SIZE,
+        "output_size": OUTPUT_SIZE,
+        "database": "sqlite",
+        "rows": rows,
+        "ratios": ratios(rows),
         "target": "flat in the history length, linear in the codebook size",
         "machine": machine_facts(),
     }
@@ -227,7 +344,10 @@ def main() -> None:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Largest over smallest database of each series, per operation (history: ideal 1; size: ideal the size ratio)."""
+    """Largest over smallest database of each series, per operation.
+
+    Ideal: 1 along the history series, the size ratio along the size series.
+    """
     result: dict[str, Any] = {}
     for series in ("history", "size"):
         chosen = [r for r in rows if r["series"] == series]
@@ -237,12 +357,16 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
         result[series] = {
             "from": {"versions": small["versions"], "entries": small["entries"]},
             "to": {"versions": large["versions"], "entries": large["entries"]},
-            **{name: round(large[name]["seconds"] / small[name]["seconds"], 2)
-               for name in ("materialise_head", "materialise_first_full", "rollback", "export")},
-            "materialise_rows_part": round(large["materialise_head"]["rows_seconds"]
-                                           / small["materialise_head"]["rows_seconds"], 2),
-            "materialise_blobs_part": round(large["materialise_head"]["blobs_seconds"]
-                                            / small["materialise_head"]["blobs_seconds"], 2),
+            **{
+                name: round(large[name]["seconds"] / small[name]["seconds"], 2)
+                for name in ("materialise_head", "materialise_first_full", "rollback", "export")
+            },
+            "materialise_rows_part": round(
+                large["materialise_head"]["rows_seconds"] / small["materialise_head"]["rows_seconds"], 2
+            ),
+            "materialise_blobs_part": round(
+                large["materialise_head"]["blobs_seconds"] / small["materialise_head"]["blobs_seconds"], 2
+            ),
         }
     return result
 
@@ -252,9 +376,14 @@ def machine_facts() -> dict[str, Any]:
 
     import torch
 
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-            "load_average": list(os.getloadavg())}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -262,20 +391,26 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Snapshot costs (SQLite, medians of up to {report['repeats']} runs, seconds)",
         "",
-        f"Machine: {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s), {machine['platform']}, "
+        f"Machine: {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s), "
+        f"{machine['platform']}, "
         f"SQLite {machine['sqlite']}, load average at the end {machine['load_average'][0]:.1f}.",
         "",
-        "| series | versions | entries | materialise head | of which rows / blobs / codebook | "
+        "| series | versions | entries | spans | materialise head | of which rows / blobs / codebook | "
         "materialise first full version | rollback (materialise + commit) | export | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
-        head, first, back, out = (row[k] for k in ("materialise_head", "materialise_first_full", "rollback", "export"))
+        head, first, back, out = (
+            row[k] for k in ("materialise_head", "materialise_first_full", "rollback", "export")
+        )
         lines.append(
-            f"| {row['series']} | {row['versions']} | {row['entries']} | {head['seconds']:.4f} | "
+            f"| {row['series']} | {row['versions']} | {row['entries']} | {row['spans']} "
+            f"| {head['seconds']:.4f} | "
             f"{head['rows_seconds']:.4f} / {head['blobs_seconds']:.4f} / {head['codebook_seconds']:.4f} | "
             f"{first['seconds']:.4f} | {back['seconds']:.4f} ({back['materialise_seconds']:.4f} + "
-            f"{back['commit_seconds']:.4f}) | {out['seconds']:.4f} | {head['samples']}/{back['samples']}/{out['samples']} |")
+            f"{back['commit_seconds']:.4f}) | {out['seconds']:.4f} "
+            f"| {head['samples']}/{back['samples']}/{out['samples']} |"
+        )
     lines += ["", "Ratios largest / smallest database of each series:", ""]
     for series, ratio in report["ratios"].items():
         lines.append(f"- {series}: {json.dumps(ratio)}")
