@@ -114,9 +114,10 @@ class Codebook:
         if any(e.fact_id == entry.fact_id for e in remaining):
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         self.entries = remaining
+        # clone(): a key is often a row of a larger batch tensor, whose storage would stay alive.
         stored = Entry(entry.fact_id, entry.answer, entry.input_id,
-                       entry.key.detach().float().cpu().contiguous(),
-                       entry.values.detach().float().cpu().contiguous(),
+                       entry.key.detach().float().cpu().clone(),
+                       entry.values.detach().float().cpu().clone(),
                        float(torch.tensor(entry.base_radius, dtype=torch.float32)))
         if superseded:
             self.entries.append(stored)
