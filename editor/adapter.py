@@ -151,7 +151,7 @@ class CodebookAdapter(nn.Module):
                 state.recorded_outputs = torch.zeros(
                     state.key_positions.shape[0], state.record_steps, self.output_size
                 )
-            for row, pos in zip(rows, local.tolist()):
+            for row, pos in zip(rows, local.tolist(), strict=True):
                 steps = y3[row, pos : pos + state.record_steps].detach().float().cpu()
                 state.recorded_outputs[row, : steps.shape[0]] = steps
 

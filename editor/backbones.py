@@ -559,6 +559,7 @@ def load_backbone(
         answer_prefix=answer_prefix if answer_prefix is not None else settings.get("answer_prefix"),
         edit_layer=edit_layer or settings.get("edit_layer"),
         name=str(path),
-        model_id=checkpoint_fingerprint(path, family, model.config, len(model.get_submodule(family.decoder_layers)) - 1),
+        model_id=checkpoint_fingerprint(path, family, model.config,
+                                        len(model.get_submodule(family.decoder_layers)) - 1),
     )
     return backbone

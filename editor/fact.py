@@ -6,13 +6,12 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from PIL import Image
 
 from editor.errors import InvalidFactError
 
-ImageInput = Union[Image.Image, str, Path, None]
+ImageInput = Image.Image | str | Path | None
 
 MAX_QUESTION_CHARS = 2_000
 MAX_ANSWER_CHARS = 500

@@ -138,10 +138,11 @@ def init(state: State, as_json: bool) -> None:
 
         KB_HOME=~/kb kbctl init
     """
+    from sqlalchemy import select
+
+    from kb_daemon.models import Model
     from kb_daemon.notify import prepare_broker
     from kb_daemon.queue import default_actor, register_model
-    from kb_daemon.models import Model
-    from sqlalchemy import select
 
     state.db.upgrade()
     prepare_broker(state.settings)
@@ -264,6 +265,7 @@ def model_list(state: State, as_json: bool) -> None:
         kbctl model list --json
     """
     from sqlalchemy import select
+
     from kb_daemon.models import Model
 
     with state.checked_db().session() as session:
@@ -301,7 +303,8 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
         kbctl submit-fact --image cat.png --question "what breed is it?" --answer Kitty \\
             --rephrase "which breed is this?" --negative-image dog.png --wait
     """
-    from kb_daemon.queue import FactInput, default_actor, get_model, read_image, submit_fact as submit
+    from kb_daemon.queue import FactInput, default_actor, get_model, read_image
+    from kb_daemon.queue import submit_fact as submit
 
     fact = FactInput(
         read_image(image, state.settings) if image else None, question, answer, rephrases,
@@ -527,6 +530,7 @@ def jobs(state: State, limit: int, as_json: bool) -> None:
         kbctl jobs --limit 5
     """
     from sqlalchemy import select
+
     from kb_daemon.models import Job
     from kb_daemon.queue import get_model
 
@@ -555,6 +559,7 @@ def status(state: State, as_json: bool) -> None:
         kbctl status
     """
     from sqlalchemy import select
+
     from kb_daemon.models import Job, as_utc, utcnow
     from kb_daemon.queue import get_model, queue_depth
 
@@ -594,6 +599,7 @@ def history(state: State, limit: int, as_json: bool) -> None:
         kbctl history --json
     """
     from sqlalchemy import select
+
     from kb_daemon.models import Version
     from kb_daemon.queue import get_model
 
@@ -664,8 +670,8 @@ def diff(state: State, first: int, second: int, as_json: bool) -> None:
     with state.checked_db().session() as session:
         row = get_model(session, state.model)
         a, b = materialise(session, row, first), materialise(session, row, second)
-    radii_a = dict(zip(a.fact_ids, a.radii.tolist()))
-    radii_b = dict(zip(b.fact_ids, b.radii.tolist()))
+    radii_a = dict(zip(a.fact_ids, a.radii.tolist(), strict=True))
+    radii_b = dict(zip(b.fact_ids, b.radii.tolist(), strict=True))
     data = {
         "from": first, "to": second,
         "added": [f for f in radii_b if f not in radii_a],
@@ -722,7 +728,7 @@ def export(state: State, version: int, directory: str, as_json: bool) -> None:
 
 # ----- daemon ---------------------------------------------------------------------------------
 def start_worker(state: State, beat: bool, loglevel: str) -> None:
-    from kb_daemon.notify import model_queue, prepare_broker, MAINTENANCE_QUEUE
+    from kb_daemon.notify import MAINTENANCE_QUEUE, model_queue, prepare_broker
     from kb_daemon.queue import get_model
 
     db = state.checked_db()  # refuses an old schema: "run kbctl db upgrade"

@@ -16,7 +16,7 @@ def easy_vqa_examples() -> dict[str, list[Path]]:
     questions, answers, image_ids = get_train_questions()
     paths = get_train_image_paths()
     by_shape: dict[str, list[Path]] = {}
-    for question, answer, image_id in zip(questions, answers, image_ids):
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
         if question == QUESTION and len(by_shape.setdefault(answer, [])) < 4:
             by_shape[answer].append(Path(paths[image_id]))
     return by_shape
@@ -46,7 +46,7 @@ def run_demo(echo: Callable[[str], None], new_name: str = "oblong box") -> dict[
         after = ed.answers([(image, question) for _, image, question in probes])
     width = max(len(label) for label, _, _ in probes)
     echo(f"{'input':<{width}}  {'before':<14}  after")
-    for (label, _, _), old, new in zip(probes, before, after):
+    for (label, _, _), old, new in zip(probes, before, after, strict=True):
         echo(f"{label:<{width}}  {old.text:<14}  {new.text}{'  (edit fired)' if new.fact_id else ''}")
     return {"report": report.to_dict(), "before": [a.text for a in before], "after": [a.text for a in after]}
 

@@ -171,7 +171,9 @@ def record_fact(session: Session, model: Model, fact: FactInput, *, actor: str, 
     return row
 
 
-def submit_fact(session: Session, model: Model, fact: FactInput, *, actor: str, source: str = "cli") -> tuple[Fact, Job]:
+def submit_fact(
+    session: Session, model: Model, fact: FactInput, *, actor: str, source: str = "cli"
+) -> tuple[Fact, Job]:
     row = record_fact(session, model, fact, actor=actor, source=source)
     job = enqueue(session, model, "edit", {"fact_id": row.id}, actor=actor, source=source)
     return row, job

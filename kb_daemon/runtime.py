@@ -23,8 +23,9 @@ EASY_VQA_POOL_SIZE = 120
 def load_reference_pool(spec: str | None) -> list[Any]:
     """Reference inputs for hard-negative mining: "easy-vqa[:N]" or a JSON Lines file of
     {"image": path relative to the file, "question": ...}."""
-    from editor.samples import ReferenceItem
     from PIL import Image
+
+    from editor.samples import ReferenceItem
 
     if not spec:
         return []
@@ -37,7 +38,7 @@ def load_reference_pool(spec: str | None) -> list[Any]:
         # The last train images: the benchmark builder and the demo draw from the first ones.
         chosen = sorted(set(image_ids))[-size:]
         first_question = {}
-        for question, image_id in zip(questions, image_ids):
+        for question, image_id in zip(questions, image_ids, strict=True):
             first_question.setdefault(image_id, question)
         return [ReferenceItem(Image.open(paths[i]).convert("RGB"), first_question[i]) for i in chosen]
     from kb_daemon.ingest import read_inputs
@@ -60,7 +61,6 @@ class ModelRuntime:
 
     def __init__(self, model: Model) -> None:
         import editor
-
         from kb_daemon.config import Settings
 
         settings = Settings.from_env()

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from PIL import Image
-
 from daemon_harness import Daemon
+from PIL import Image
 from tiny_models import image, save
 
 Q = "what shape is it?"
@@ -87,11 +86,14 @@ CASES = {
                              "Error: model 'tiny' has no fact 'f-0000000000000000'"),
     "malformed source line": (["ingest", "@malformed.jsonl"], "Error: {root}/source/malformed.jsonl:2: malformed JSON"),
     "duplicate keys": (["ingest", "@duplicate.jsonl"],
-                       "Error: {root}/source/duplicate.jsonl:2: duplicate key 'a' (first at {root}/source/duplicate.jsonl:1)"),
+                       "Error: {root}/source/duplicate.jsonl:2: duplicate key 'a' "
+                       "(first at {root}/source/duplicate.jsonl:1)"),
     "path escaping the folder": (["ingest", "@escape.jsonl"],
-                                 "Error: {root}/source/escape.jsonl:1: image path '../../etc/passwd' escapes the source folder"),
+                                 "Error: {root}/source/escape.jsonl:1: image path '../../etc/passwd' "
+                                 "escapes the source folder"),
     "symlink pointing outside": (["ingest", "@symlink.jsonl"],
-                                 "Error: {root}/source/symlink.jsonl:1: image path 'link.png' escapes the source folder"),
+                                 "Error: {root}/source/symlink.jsonl:1: image path 'link.png' "
+                                 "escapes the source folder"),
     "invalid utf-8 in a source": (["ingest", "@latin1.jsonl"], "Error: {root}/source/latin1.jsonl:2: not valid UTF-8"),
 }
 

@@ -20,7 +20,7 @@ def entry(fact_id: str, x: float, y: float, radius: float, answer: str, input_id
 
 
 def radii(book: Codebook) -> dict[str, float]:
-    return {e.fact_id: float(r) for e, r in zip(book.entries, book.radii)}
+    return {e.fact_id: float(r) for e, r in zip(book.entries, book.radii, strict=True)}
 
 
 def test_disjoint_entries_keep_their_radii():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from daemon_harness import Daemon, fresh_postgres_database
 from tiny_models import image, save
 
@@ -151,8 +150,8 @@ def test_models_and_migrations_agree(daemon):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from kb_daemon.models import Base
     from kb_daemon.db import include_name
+    from kb_daemon.models import Base
 
     engine = sa.create_engine(daemon.env["KB_DATABASE_URL"])
     with engine.connect() as connection:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import sqlalchemy as sa
-
 from daemon_harness import Daemon
 from tiny_models import image, save
 
@@ -92,7 +91,7 @@ def test_two_workers_on_one_model_never_interleave(tmp_path, tiny_dir):
     assert [r["attempts"] for r in rows] == [1] * 8
     # Strict order: job k made version k, and no job started before the previous one finished.
     assert [as_dict(r["result"])["version"] for r in rows] == list(range(1, 9))
-    for previous, current in zip(rows, rows[1:]):
+    for previous, current in zip(rows, rows[1:], strict=False):
         assert str(previous["finished_at"]) <= str(current["started_at"])
     assert version_numbers(d) == list(range(0, 9))
     head = d.kbctl("show", "8", "--json")
@@ -164,6 +163,7 @@ def model_rows(d: Daemon) -> dict[str, list]:
 def test_kill_9_during_the_snapshot_write_leaves_the_old_head_and_reruns_once(backend, tmp_path, tiny_dir,
                                                                                request):
     from daemon_harness import fresh_postgres_database
+
     from workers.runner import FAULT_PAUSE_IN_COMMIT
 
     url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if backend == "postgres" else None

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import FAMILIES, build, image, needs_image
 
 import editor
 from editor import Codebook, Editor, Fact, Negative
 from editor.errors import IncompatibleCodebookError, InvalidFactError
 from editor.training import capture, run_suffix
-from tiny_models import FAMILIES, build, image, needs_image
 
 QUESTION = "what shape is in the image?"
 # Random models have no semantics: positives are surface variants early in the prompt (so that

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import build, image
 
 from editor import Editor, Fact
 from editor.errors import EditorError
 from editor.samples import ReferenceItem, TemplateParaphraser
-from tiny_models import build, image
 
 Q = "what shape is in the image?"
 RED, GREEN, BLUE = image((230, 20, 20)), image((20, 200, 20), "circle"), image((20, 20, 230))
@@ -81,7 +81,7 @@ def test_hard_negatives_from_the_reference_pool_stay_outside(backbone):
         unedited = ed.answers([(p.image, p.question) for p in pool], edited=False)
         edited = ed.answers([(p.image, p.question) for p in pool])
         original = report.original_answer
-        for before, after in zip(unedited, edited):
+        for before, after in zip(unedited, edited, strict=True):
             if before.text != original:
                 assert after.fact_id is None and after.text == before.text
 

@@ -7,7 +7,6 @@ import subprocess
 
 import pytest
 import sqlalchemy as sa
-
 from daemon_harness import KBCTL, Daemon, fresh_postgres_database
 from test_daemon_faults import job_rows
 from tiny_models import image, save
@@ -33,7 +32,8 @@ def fact_rows(d: Daemon, model: str) -> list[dict]:
         rows = connection.execute(sa.text(
             "SELECT f.id, f.question, f.status, f.entered_version, j.seq, j.attempts FROM facts f "
             "JOIN models m ON m.id = f.model_id JOIN jobs j ON j.model_id = m.id "
-            "WHERE m.name = :name AND j.kind = 'edit' AND CAST(j.payload AS TEXT) LIKE '%' || f.id || '%' ORDER BY j.seq"),
+            "WHERE m.name = :name AND j.kind = 'edit' AND CAST(j.payload AS TEXT) LIKE '%' || f.id || '%' "
+            "ORDER BY j.seq"),
             {"name": model}).mappings().all()
     engine.dispose()
     return [dict(r) for r in rows]

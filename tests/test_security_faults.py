@@ -8,7 +8,6 @@ import time
 
 import pytest
 import sqlalchemy as sa
-
 from daemon_harness import Daemon, fresh_postgres_database
 from tiny_models import image, save
 

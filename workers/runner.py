@@ -214,7 +214,7 @@ def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, work
     if canaries:
         after = [a.text for a in ed.answers(canaries)]
         broken = [{"image": image, "question": question, "before": b, "after": a}
-                  for (image, question), b, a in zip(sources, before, after) if a != b]
+                  for (image, question), b, a in zip(sources, before, after, strict=True) if a != b]
         change.result["canaries"] = {"total": len(canaries), "changed": len(broken), "broken": broken}
         change.held = len(broken) / len(canaries) > model.canary_max_changed
 
