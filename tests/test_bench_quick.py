@@ -25,6 +25,7 @@ CASES = {
     "bench/snapshot_costs.py": {"keys": {"benchmark", "rows", "ratios", "target", "machine"}, "markdown": True},
     "bench/storage.py": {"keys": {"benchmark", "final_entries", "blob_bytes", "materialise_seconds", "machine"},
                          "markdown": False},
+    "bench/edit_timing.py": {"keys": {"benchmark", "models", "machine", "quick"}, "markdown": False},
 }
 
 
