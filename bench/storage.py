@@ -116,7 +116,8 @@ def main() -> None:
         database_bytes = os.path.getsize(home / "kb.sqlite3")
     metadata_bytes = (database_bytes - blob_bytes) if database_bytes else None
     report = {
-        "benchmark": "storage", "quick": args.quick, "changes": args.edits, "churn": args.churn, "counts": counts, "database": url.split(":", 1)[0],
+        "benchmark": "storage", "quick": args.quick, "changes": args.edits, "churn": args.churn, "counts": counts,
+        "database": url.split(":", 1)[0],
         "head_version": head, "final_entries": len(final),
         "final_tensor_bytes": tensor_bytes, "final_raw_tensor_bytes": raw_tensor_bytes,
         "blob_bytes": blob_bytes, "database_bytes": database_bytes,

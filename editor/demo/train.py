@@ -2,7 +2,7 @@
 
 One command rebuilds ``editor/demo/model`` deterministically (same seed, same machine -> same weights)::
 
-    python -m editor.demo.train --out editor/demo/model [--seed 0] [--max-minutes 24]
+    python -m editor.demo.train --out editor/demo/model [--seed 0]
 
 Smoke run (seconds): ``python -m editor.demo.train --out /tmp/m --steps 3 --train-images 64``.
 
@@ -55,14 +55,17 @@ COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 
 # Defaults of the shipped run (measured to fit in ~20 min on 2 CPU cores, see training_report.json).
 DEFAULT_SEED = 0
-DEFAULT_VISION_STEPS = 400
+DEFAULT_VISION_STEPS = 500
 DEFAULT_VISION_BATCH = 128
 DEFAULT_VISION_LR = 2e-3
-DEFAULT_STEPS = 1100
+DEFAULT_STEPS = 1500
 DEFAULT_BATCH = 64
 DEFAULT_GROUP = 4
 DEFAULT_FREEZE_STEPS = 200
 DEFAULT_VISION_LR_SCALE = 0.1
+DEFAULT_PROBE_WEIGHT = 0.0
+DEFAULT_EMBED_STD = 0.0
+PROBE_LAYER = 1  # output of the 2nd of 4 text layers
 DEFAULT_LR = 1e-3
 DEFAULT_WARMUP = 50
 DEFAULT_MAX_MINUTES = 22.0
@@ -116,7 +119,7 @@ def build_processor():
     )
 
 
-def build_model(seed: int):
+def build_model(seed: int, embed_std: float = 0.0):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -159,6 +162,13 @@ def build_model(seed: int):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if embed_std:
+        # Token embeddings at the scale of the projected image features (norm ~10 vs ~0.2 at the
+        # default std 0.02), so that question bytes are not drowned by image tokens in the residual.
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb.normal_(0.0, embed_std, generator=torch.Generator().manual_seed(seed + 5))
+            emb[PAD_ID].zero_()
     gc = model.generation_config
     gc.pad_token_id, gc.bos_token_id, gc.eos_token_id = PAD_ID, BOS_ID, EOS_ID
     gc.do_sample = False
@@ -194,7 +204,7 @@ def load_split(split: str, max_images: int | None = None) -> dict[str, Any]:
     if max_images is not None:
         image_ids = image_ids[:max_images]
     keep = set(image_ids)
-    rows = [(q, a, i) for q, a, i in zip(qs, ans, ids) if i in keep]
+    rows = [(q, a, i) for q, a, i in zip(qs, ans, ids, strict=True) if i in keep]
     return {"image_ids": image_ids, "paths": paths, "rows": rows}
 
 
@@ -213,6 +223,15 @@ def question_category(question: str, answer: str) -> str:
     about = "shape" if any(s in words for s in SHAPES) else "color"
     negated = "not" in words or question.startswith("is no ")
     return f"{about}-{'neg' if negated else 'pos'}-{answer}"
+
+
+def question_attributes(question: str) -> tuple[int, int, int]:
+    """(colour word index + 1 or 0, shape word index + 1 or 0, negated) of a question."""
+    words = question.rstrip("?").split()
+    color = next((k + 1 for k, c in enumerate(COLORS) if c in words), 0)
+    shape = next((k + 1 for k, s in enumerate(SHAPES) if s in words), 0)
+    negated = int("not" in words or question.startswith("is no "))
+    return color, shape, negated
 
 
 def derive_image_labels(rows) -> tuple[dict[int, int], dict[int, int]]:
@@ -259,7 +278,8 @@ def augment(pixels, gen, shift: int = 4):
         padded = F.pad(out, (shift, shift, shift, shift), mode="replicate")
         dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen).tolist()
         dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen).tolist()
-        out = torch.stack([padded[k, :, y : y + IMAGE_SIZE, x : x + IMAGE_SIZE] for k, (x, y) in enumerate(zip(dx, dy))])
+        out = torch.stack([padded[k, :, y : y + IMAGE_SIZE, x : x + IMAGE_SIZE]
+                           for k, (x, y) in enumerate(zip(dx, dy, strict=True))])
     return out
 
 
@@ -362,7 +382,7 @@ def encode_examples(tokenizer, rows):
 
 def check_prompt_encoding(processor, rows, paths, examples) -> None:
     """The hand-built prompt ids must equal what the processor produces for the same text."""
-    for (q, _, i), (prompt, _) in list(zip(rows, examples))[:3]:
+    for (q, _, i), (prompt, _) in list(zip(rows, examples, strict=True))[:3]:
         enc = processor(text=[PROMPT_TEMPLATE.format(question=q)], images=[open_image(paths[i])], return_tensors="pt")
         got = enc["input_ids"][0].tolist()
         assert got == prompt, (got, prompt)
@@ -385,13 +405,15 @@ def make_batch(examples, sel):
     return ids, mask, labels
 
 
-def llava_forward(model, ids, mask, labels, images, group: int, *, freeze_vision: bool = False):
+def llava_forward(model, ids, mask, labels, images, group: int, *, freeze_vision: bool = False,
+                  probe_layer: int | None = None, probe_pos=None):
     """LLaVA's own forward, except that each image's features feed ``group`` consecutive rows.
 
     Same result as ``model(input_ids, attention_mask, pixel_values=images.repeat_interleave(group),
     labels)``: LLaVA scatters the projected patch states (last vision layer, CLS dropped) into the
     ``<image>`` positions. Here the vision tower runs once per image instead of once per question.
-    Returns (language-model loss, mean patch state per image).
+    Returns (language-model loss, mean patch state per image, probe states): the probe states are the
+    output of text layer ``probe_layer`` at positions ``probe_pos`` (one per row), or None.
     """
     import contextlib
 
@@ -406,13 +428,29 @@ def llava_forward(model, ids, mask, labels, images, group: int, *, freeze_vision
     slots = (ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
     assert int(slots.sum()) == feats.numel()
     embeds = embeds.masked_scatter(slots, feats.to(embeds.dtype))
-    loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-    return loss, states.mean(dim=1)
+    captured = {}
+    hook = None
+    if probe_layer is not None:
+        layer = model.model.language_model.layers[probe_layer]
+
+        def grab(_module, _args, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+
+        hook = layer.register_forward_hook(grab)
+    try:
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    finally:
+        if hook is not None:
+            hook.remove()
+    probe = None
+    if probe_layer is not None:
+        probe = captured["h"][torch.arange(ids.shape[0]), probe_pos]
+    return loss, states.mean(dim=1), probe
 
 
 def train_end_to_end(model, heads, pixels, rows_of_image, row_weights, image_labels, examples, *, steps, batch,
                      group, lr, warmup, freeze_steps, vision_lr_scale, seed, deadline, aug=True,
-                     monitor=None, monitor_every: int = 0):
+                     monitor=None, monitor_every: int = 0, question_labels=None, probe_weight: float = 0.0):
     """Stage 2. AdamW, linear warm-up then cosine; each step: batch // group images x group questions.
 
     Each chosen image contributes ``group`` of its questions, drawn with ``row_weights`` (inverse
@@ -430,12 +468,20 @@ def train_end_to_end(model, heads, pixels, rows_of_image, row_weights, image_lab
     n_img = batch // group
     log.info("stage 2: end to end on %d questions, %d steps of %d images x %d questions; vision frozen "
              "for %d steps", len(examples), steps, n_img, group, freeze_steps)
+    from torch import nn
+
     tower = model.model.vision_tower
+    torch.manual_seed(seed + 4)
+    probes = nn.ModuleDict({
+        "q_color": nn.Linear(HIDDEN, len(COLORS) + 1), "q_shape": nn.Linear(HIDDEN, len(SHAPES) + 1),
+        "q_neg": nn.Linear(HIDDEN, 2), "i_color": nn.Linear(HIDDEN, len(COLORS)),
+        "i_shape": nn.Linear(HIDDEN, len(SHAPES)),
+    })
     vision_ids = {id(p) for p in tower.parameters()}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
     opt = torch.optim.AdamW(
         [
-            {"params": rest, "scale": 1.0},
+            {"params": rest + list(probes.parameters()), "scale": 1.0},
             {"params": list(tower.parameters()) + list(heads.parameters()), "scale": vision_lr_scale},
         ],
         lr=lr,
@@ -447,7 +493,7 @@ def train_end_to_end(model, heads, pixels, rows_of_image, row_weights, image_lab
     order = torch.randperm(len(rows_of_image), generator=gen)
     pos = 0
     t0 = time.monotonic()
-    running = running_aux = 0.0
+    running = running_aux = running_probe = 0.0
     done = 0
     for step in range(steps):
         if time.monotonic() > deadline:
@@ -472,8 +518,20 @@ def train_end_to_end(model, heads, pixels, rows_of_image, row_weights, image_lab
         frozen = step < freeze_steps
         ids, mask, labels = make_batch(examples, sel)
         images = augment(pixels[imgs], gen) if aug else pixels[imgs]
-        loss, pooled = llava_forward(model, ids, mask, labels, images, group, freeze_vision=frozen)
+        use_probe = probe_weight > 0
+        probe_pos = torch.tensor([len(examples[k][0]) - 1 for k in sel])  # last prompt token ("\n")
+        loss, pooled, pstate = llava_forward(model, ids, mask, labels, images, group, freeze_vision=frozen,
+                                             probe_layer=PROBE_LAYER if use_probe else None, probe_pos=probe_pos)
         total = loss
+        if use_probe:
+            qc, qs, qn = question_labels[sel].unbind(-1)
+            ys, yc = y_shape[imgs].repeat_interleave(group), y_color[imgs].repeat_interleave(group)
+            ploss = (F.cross_entropy(probes["q_color"](pstate), qc) + F.cross_entropy(probes["q_shape"](pstate), qs)
+                     + F.cross_entropy(probes["q_neg"](pstate), qn)
+                     + F.cross_entropy(probes["i_color"](pstate), yc, ignore_index=-100)
+                     + F.cross_entropy(probes["i_shape"](pstate), ys, ignore_index=-100))
+            total = total + probe_weight * ploss
+            running_probe += ploss.item()
         if not frozen:
             aux = F.cross_entropy(heads["shape"](pooled), y_shape[imgs], ignore_index=-100) + F.cross_entropy(
                 heads["color"](pooled), y_color[imgs], ignore_index=-100
@@ -488,9 +546,9 @@ def train_end_to_end(model, heads, pixels, rows_of_image, row_weights, image_lab
         running += loss.item()
         if done % LOG_EVERY == 0 or done == steps:
             n = LOG_EVERY if done % LOG_EVERY == 0 else done % LOG_EVERY
-            log.info("stage 2 step %d/%d loss %.4f aux %.4f lr %.2e %.1fs", done, steps, running / n,
-                     running_aux / n, opt.param_groups[0]["lr"], time.monotonic() - t0)
-            running = running_aux = 0.0
+            log.info("stage 2 step %d/%d loss %.4f aux %.4f probe %.4f lr %.2e %.1fs", done, steps, running / n,
+                     running_aux / n, running_probe / n, opt.param_groups[0]["lr"], time.monotonic() - t0)
+            running = running_aux = running_probe = 0.0
         if monitor is not None and monitor_every and done % monitor_every == 0:
             model.eval()
             monitor(done)
@@ -532,7 +590,7 @@ def evaluate(model, processor, data, limit: int | None = None, *, by=None) -> di
         images.append(cache[i])
     preds = greedy_answers(model, processor, images, [q for q, _, _ in rows])
     per: dict[str, list[int]] = {}
-    for (q, a, _), p in zip(rows, preds):
+    for (q, a, _), p in zip(rows, preds, strict=True):
         c = per.setdefault(question_type(a) if by is None else by(q, a), [0, 0])
         c[0] += int(p == a)
         c[1] += 1
@@ -597,6 +655,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-steps", type=int, default=None, help=f"stage-1 steps (default {DEFAULT_VISION_STEPS})")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
+    p.add_argument("--freeze-steps", type=int, default=DEFAULT_FREEZE_STEPS,
+                   help="stage 2: steps with the vision tower frozen")
+    p.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE,
+                   help="stage 2: vision tower learning rate as a fraction of --lr")
+    p.add_argument("--embed-std", type=float, default=DEFAULT_EMBED_STD,
+                   help="init std of the text token embeddings (0: transformers' default)")
+    p.add_argument("--probe-weight", type=float, default=DEFAULT_PROBE_WEIGHT,
+                   help="stage 2: weight of the auxiliary linear probes on the last prompt token")
     p.add_argument("--questions-per-image", type=int, default=DEFAULT_GROUP,
                    help="stage 2: questions sharing one image (and one vision forward) per batch")
     p.add_argument("--train-images", type=int, default=None, help="use only the first N train images")
@@ -640,7 +706,7 @@ def main(argv=None) -> int:
 
     processor = build_processor()
     tokenizer = processor.tokenizer
-    model = build_model(args.seed)
+    model = build_model(args.seed, args.embed_std)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters; edit layer %s", n_params, EDIT_LAYER)
 
@@ -670,6 +736,7 @@ def main(argv=None) -> int:
     counts = Counter(categories)
     log.info("question categories: %s", dict(sorted(counts.items())))
     row_weights = torch.tensor([1.0 / counts[c] for c in categories], dtype=torch.float64)
+    question_labels = torch.tensor([question_attributes(q) for q, _, _ in rows])
     image_labels = (
         torch.tensor([shape.get(i, -100) for i in image_ids]),
         torch.tensor([color.get(i, -100) for i in image_ids]),
@@ -706,8 +773,9 @@ def main(argv=None) -> int:
             save_file(stage1_state(model, heads, v_done), cache)
     e_done = train_end_to_end(
         model, heads, pixels, rows_of_image, row_weights, image_labels, examples, steps=args.steps, batch=args.batch,
-        group=args.questions_per_image, lr=args.lr, freeze_steps=min(DEFAULT_FREEZE_STEPS, args.steps // 4),
-        vision_lr_scale=DEFAULT_VISION_LR_SCALE, monitor=monitor, monitor_every=args.val_every,
+        group=args.questions_per_image, lr=args.lr, freeze_steps=min(args.freeze_steps, args.steps // 4),
+        vision_lr_scale=args.vision_lr_scale, monitor=monitor, monitor_every=args.val_every,
+        question_labels=question_labels, probe_weight=args.probe_weight,
         warmup=min(DEFAULT_WARMUP, max(args.steps // 10, 1)), seed=args.seed, deadline=deadline,
     )
     train_minutes = (time.monotonic() - t_train) / 60
@@ -743,6 +811,10 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "questions_per_image": args.questions_per_image,
         "lr": args.lr,
+        "freeze_steps": min(args.freeze_steps, args.steps // 4),
+        "vision_lr_scale": args.vision_lr_scale,
+        "probe_weight": args.probe_weight,
+        "embed_std": args.embed_std,
         "stopped_early": v_done < args.vision_steps or e_done < args.steps,
         "stage1_cache": None if args.stage1_cache is None else str(args.stage1_cache),
         "train_questions": len(rows),
