@@ -265,15 +265,6 @@ class Editor:
             self._pool = _PoolIndex(keys, answers)
         return self._pool
 
-    def _same_image_candidates(self, query: Query) -> list[Query]:
-        """The pool's most frequent other questions, asked about the fact's image."""
-        if not self.reference_pool or self.config.num_hard_negatives == 0:
-            return []
-        return [
-            Query(query.image, q) for q in distinct_questions(self.reference_pool)
-            if q.casefold() != query.question.casefold()
-        ][:MAX_SAME_IMAGE_QUESTIONS]
-
     def _unedited_answer(self, query: Query) -> tuple[str, list[int]]:
         """The unedited model's greedy answer: its text, and its tokens (with the end of sequence
         when generation ended by itself, not by reaching max_new_tokens)."""
