@@ -37,11 +37,16 @@ FLOOR_REPEATS = 3
 
 def seconds(function, repeats: int = FLOOR_REPEATS) -> float:
     """Median wall time of `function()` over `repeats` calls (after one warm-up call)."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     function()
     times = []
     for _ in range(repeats):
+        sync()
         tick = time.perf_counter()
         function()
+        sync()
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 
@@ -161,23 +166,30 @@ def summarise(rows: list[dict[str, Any]], max_steps: int | None) -> dict[str, An
     return out
 
 
-def load_model(name: str):
+def load_model(name: str, device: str, dtype: str):
     from models import build_random_llava, parameter_count
 
     import editor
+    from editor.backbones import resolve_device, resolve_dtype
 
-    backbone = editor.load_backbone("demo") if name == "demo" else build_random_llava()
+    if name == "demo":
+        backbone = editor.load_backbone("demo", device=device, dtype=dtype)
+    else:
+        target = resolve_device(device)
+        backbone = build_random_llava(dtype=resolve_dtype(dtype, target))
+        backbone.model.to(target)
     return backbone, parameter_count(backbone)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"Seconds per edit against the floor ({result['machine']['cpus']} CPUs, "
-             f"{result['machine']['torch_threads']} torch thread(s); medians over {result['facts']} facts)", "",
-             "| model | method | s/edit | floor s | ratio | steps (median/max) | optimisation s/step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Seconds per edit against the floor ({result['machine']['cpus']} CPUs, "
+             f"{result['machine']['torch_threads']} torch thread(s); medians over each model's facts)", "",
+             "| model | method | facts | s/edit | floor s | ratio | steps (median/max) | optimisation s/step |",
+             "|---|---|---|---|---|---|---|---|"]
     for model, methods in result["models"].items():
         for method, row in methods["methods"].items():
-            lines.append(f"| {model} | {method} | {row['seconds_per_edit_median']} | {row['floor_median']} | "
+            lines.append(f"| {model} | {method} | {methods['facts']} | {row['seconds_per_edit_median']} | "
+                         f"{row['floor_median']} | "
                          f"{row['ratio_to_floor_median']} | {row['steps_median']}/{row['steps_max']} | "
                          f"{row['optimisation_seconds_per_step_median']} |")
     lines += ["", "BalancEdit phase medians (s):", ""]
@@ -191,9 +203,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,llava-100m", help="comma-separated: demo, llava-100m")
     parser.add_argument("--methods", default="balancedit,grace,ft")
-    parser.add_argument("--facts", type=int, default=12)
+    parser.add_argument("--facts", type=int, default=12, help="facts on the demo model")
+    parser.add_argument("--facts-large", type=int, default=4, help="facts on the 100M LLaVA (FT takes ~40 s each)")
     parser.add_argument("--pool", default="easy-vqa", help="reference pool for BalancEdit ('' for none)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when present), cpu, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="base weights: auto, float32, bfloat16, float16")
     parser.add_argument("--quick", action="store_true", help="demo model, 2 facts, 20-item pool")
     parser.add_argument("--out", type=Path, default=Path("bench/results/edit_timing.json"))
     args = parser.parse_args()
@@ -209,17 +224,18 @@ def main() -> None:
     from kb_daemon.runtime import load_reference_pool
 
     paths = get_train_image_paths()
-    facts = [editor.Fact(paths[i], QUESTION, NAMES[k % len(NAMES)])
-             for k, i in enumerate(sorted(paths)[: args.facts])]
+    all_facts = [editor.Fact(paths[i], QUESTION, NAMES[k % len(NAMES)])
+                 for k, i in enumerate(sorted(paths)[: max(args.facts, args.facts_large)])]
     pool = load_reference_pool(args.pool) if args.pool else []
     methods = [m for m in args.methods.split(",") if m]
-    result: dict[str, Any] = {"benchmark": "edit_timing", "facts": len(facts), "reference_pool": len(pool),
+    result: dict[str, Any] = {"benchmark": "edit_timing", "reference_pool": len(pool),
                               "quick": args.quick, "models": {}}
     for name in args.models.split(","):
+        facts = all_facts[: args.facts if name == "demo" else args.facts_large]
         tick = time.perf_counter()
-        backbone, parameters = load_model(name)
+        backbone, parameters = load_model(name, args.device, args.dtype)
         entry: dict[str, Any] = {"parameters": parameters, "load_seconds": round(time.perf_counter() - tick, 2),
-                                 "methods": {}}
+                                 "facts": len(facts), "methods": {}}
         if pool and "balancedit" in methods:
             with editor.Editor(backbone, reference_pool=pool) as ed:
                 entry["pool_index_seconds_once"] = round(seconds(lambda: (setattr(ed, "_pool", None),
@@ -238,6 +254,9 @@ def main() -> None:
             entry["methods"][method] = summarise(rows, max_steps)
         result["models"][name] = entry
     result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "device": str(next(backbone.model.parameters()).device),
+                         "dtype": str(next(backbone.model.parameters()).dtype),
+                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                          "platform": platform.platform(), "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
