@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -36,6 +35,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # bench/ is sys.path[0] when a script runs
 
 NAMES = ["oblong box", "ring", "wedge", "aqua marine", "kitty"]
 
@@ -223,9 +224,7 @@ def main() -> None:
         "benchmark": "daemon_throughput", "quick": args.quick, "model": "demo", "facts": args.facts,
         "repeats": args.repeats, "database": "sqlite", "reference_pool": args.reference_pool, "summary": summary,
         "target": "daemon at most 15% slower than in process",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average": list(os.getloadavg())},
+        "machine": machine_facts(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))

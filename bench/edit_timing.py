@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_facts  # noqa: E402
 
 NAMES = ["oblong box", "ring", "wedge", "aqua marine", "kitty"]
 QUESTION = "what shape is in the image?"
@@ -253,11 +252,9 @@ def main() -> None:
             rows_by_method[method] = rows
             entry["methods"][method] = summarise(rows, max_steps)
         result["models"][name] = entry
-    result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                         "device": str(next(backbone.model.parameters()).device),
-                         "dtype": str(next(backbone.model.parameters()).dtype),
-                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                         "platform": platform.platform(), "torch": torch.__version__}
+    result["machine"] = machine_facts(
+        device=str(next(backbone.model.parameters()).device), dtype=str(next(backbone.model.parameters()).dtype),
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

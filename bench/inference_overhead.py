@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # bench/ is sys.path[0] when a script runs
 
 NEW_TOKENS = 8  # generate() is forced to exactly this many tokens so runs are comparable
 MIN_SAMPLE_SECONDS = 0.2  # cheap calls are repeated within one timed sample up to about this long
@@ -166,19 +166,6 @@ def summary_at(results: dict[str, Any], size: int) -> dict[str, Any]:
                     "generate_percent": row["generate_overhead_percent"],
                 }
     return summary
-
-
-def machine_facts() -> dict[str, Any]:
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average": list(os.getloadavg()),
-    }
 
 
 def load_model(name: str) -> Any:

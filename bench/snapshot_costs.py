@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
+import sqlite3
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine_facts  # bench/ is sys.path[0] when a script runs
 
 INPUT_SIZE, OUTPUT_SIZE = 512, 128  # the demo model's edited layer
 
@@ -335,7 +336,7 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios(rows),
         "target": "flat in the history length, linear in the codebook size",
-        "machine": machine_facts(),
+        "machine": machine_facts(sqlite=sqlite3.sqlite_version),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
@@ -369,21 +370,6 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
             ),
         }
     return result
-
-
-def machine_facts() -> dict[str, Any]:
-    import sqlite3
-
-    import torch
-
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "load_average": list(os.getloadavg()),
-    }
 
 
 def markdown(report: dict[str, Any]) -> str:
