@@ -145,7 +145,7 @@ def init(state: State, as_json: bool) -> None:
     from kb_daemon.queue import default_actor, register_model
 
     state.db.upgrade()
-    prepare_broker(state.settings)
+    prepare_broker(state.settings, [DEFAULT_MODEL])
     with state.db.session() as session:
         exists = session.execute(select(Model).where(Model.name == DEFAULT_MODEL)).scalar_one_or_none()
         if exists is None:
@@ -227,6 +227,14 @@ def model_add(state: State, name: str, path: str, layer: str | None, hparams: tu
                              ingest_source=str(Path(ingest_source).resolve()) if ingest_source else None,
                              actor=actor or default_actor())
         data = model_json(row)
+    from kb_daemon.notify import prepare_broker
+
+    try:  # the model's queue exists before anyone publishes to it (see prepare_broker)
+        prepare_broker(state.settings, [name])
+    except Exception as exc:  # noqa: BLE001  (the worker declares it again when it starts)
+        click.echo(f"warning: could not declare the queue of {name} on the broker "
+                   f"{redact(state.settings.broker_url)} ({type(exc).__name__}); its worker declares it on start",
+                   err=True)
     emit(as_json, data, f"registered model {name} ({model_path})")
 
 
@@ -734,7 +742,7 @@ def start_worker(state: State, beat: bool, loglevel: str) -> None:
     db = state.checked_db()  # refuses an old schema: "run kbctl db upgrade"
     with db.session() as session:
         get_model(session, state.model)
-    prepare_broker(state.settings)
+    prepare_broker(state.settings, [state.model])
     from workers.app import app
 
     argv = ["worker", "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}",

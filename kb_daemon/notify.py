@@ -7,6 +7,7 @@ the reaper re-signals, and a duplicate finds nothing to claim.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from kb_daemon.config import Settings, redact
@@ -61,11 +62,20 @@ def signal_model(settings: Settings, model_name: str, app: Any = None) -> bool:
         return False
 
 
-def prepare_broker(settings: Settings) -> None:
-    """Create kombu's tables once, before workers start (concurrent creation races on PostgreSQL)."""
+def prepare_broker(settings: Settings, model_names: Iterable[str] = ()) -> None:
+    """Create kombu's tables and declare the queues once, before workers and submitters start.
+
+    Both steps race when done concurrently by several processes: kombu's SQL transport guards
+    table creation and its check-then-insert of a queue row with a per-process lock only, so a
+    worker declaring `kb.model.X` while `kbctl submit-fact` first publishes to it can fail with
+    "UNIQUE constraint failed: kombu_queue.name". Declaring every queue here (from `kbctl init`,
+    `kbctl model add` and before a worker starts) leaves nothing to create later.
+    """
     if settings.broker_url.startswith("sqla+sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
     sender = make_sender(settings)
     with sender.connection_for_write() as connection:
         channel = connection.default_channel
         getattr(channel, "session", None)  # the SQL transport creates its tables on first use
+        for queue in (MAINTENANCE_QUEUE, *(model_queue(name) for name in model_names)):
+            channel.queue_declare(queue=queue)

@@ -52,7 +52,9 @@ class Daemon:
         return result
 
     def start_worker(self, command: str = "up") -> subprocess.Popen[bytes]:
-        log = open(self.home / f"worker-{len(self.workers)}.log", "wb")
+        # Daemons that share a home (two models) must not write into each other's log files.
+        index = len(list(self.home.glob("worker-*.log")))
+        log = open(self.home / f"worker-{index}-{self.model}-{command}.log", "wb")
         process = subprocess.Popen([*KBCTL, command], env={**os.environ, **self.env}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(process)
@@ -75,8 +77,11 @@ class Daemon:
         process.wait()
 
     def logs(self, tail: int | None = None) -> str:
-        texts = [p.read_text(errors="replace") for p in sorted(self.home.glob("worker-*.log"))]
-        return "\n".join(t[-tail:] if tail else t for t in texts)
+        texts = []
+        for path in sorted(self.home.glob("worker-*.log")):
+            text = path.read_text(errors="replace")
+            texts.append(f"--- {path.name}\n" + (text[-tail:] if tail else text))
+        return "\n".join(texts)
 
     def wait_for(self, predicate: Any, timeout: float = 90.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
@@ -85,7 +90,9 @@ class Daemon:
             if value:
                 return value
             time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}\n{self.logs(tail=3000)}")
+        states = ", ".join(f"pid {p.pid}: {'running' if p.poll() is None else f'exited {p.returncode}'}"
+                           for p in self.workers)
+        raise AssertionError(f"timed out waiting for {what} (workers: {states or 'none'})\n{self.logs(tail=3000)}")
 
 
 def fresh_postgres_database(server_url: str) -> str:

@@ -100,3 +100,17 @@ def test_two_models_keep_their_own_histories(tmp_path, tiny_dir):
         added = [f for v in reversed(history) for f in v["added"]]
         assert added == submitted[name]
         assert [f["fact_id"] for f in daemon.kbctl("show", "10", "--json")["facts"]] == submitted[name]
+
+
+def test_queues_exist_before_anyone_publishes(tmp_path, tiny_dir):
+    # kombu's SQL transport creates a queue row on first use with a check-then-insert guarded only
+    # per process: a worker declaring its queue while `submit-fact` first publishes to it could die
+    # on "UNIQUE constraint failed: kombu_queue.name". init and model add declare the queues up front.
+    d = Daemon(tmp_path / "home")
+    d.kbctl("init")
+    d.kbctl("model", "add", "alpha", str(tiny_dir / "model"), *FAST)
+    engine = sa.create_engine(d.env["KB_BROKER_URL"][len("sqla+"):])
+    with engine.connect() as connection:
+        names = set(connection.execute(sa.text("SELECT name FROM kombu_queue")).scalars())
+    engine.dispose()
+    assert {"kb.maintenance", "kb.model.demo", "kb.model.alpha"} <= names
