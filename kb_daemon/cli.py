@@ -742,6 +742,7 @@ def start_worker(state: State, beat: bool, loglevel: str) -> None:
     db = state.checked_db()  # refuses an old schema: "run kbctl db upgrade"
     with db.session() as session:
         get_model(session, state.model)
+    db.dispose()  # no pooled connection may cross the fork of the embedded beat
     prepare_broker(state.settings, [state.model])
     from workers.app import app
 

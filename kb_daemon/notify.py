@@ -79,3 +79,18 @@ def prepare_broker(settings: Settings, model_names: Iterable[str] = ()) -> None:
         getattr(channel, "session", None)  # the SQL transport creates its tables on first use
         for queue in (MAINTENANCE_QUEUE, *(model_queue(name) for name in model_names)):
             channel.queue_declare(queue=queue)
+    _close_broker_engines()
+
+
+def _close_broker_engines() -> None:
+    """Close the engines kombu's SQL transport caches per URL for the life of the process.
+
+    `kbctl up` forks Celery beat right after `prepare_broker`; a child that inherits a pooled
+    SQLite connection fails with "disk I/O error" on its first query (measured: the beat of a
+    restarted worker could not send one reaper message). The worker opens its own engine later.
+    """
+    from kombu.transport.sqlalchemy import Channel
+
+    for engine, _sessionmaker in list(Channel._engines.values()):
+        engine.dispose()
+    Channel._engines.clear()
