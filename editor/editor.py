@@ -219,7 +219,8 @@ class Editor:
             generator = torch.Generator().manual_seed(config.seed)
             init = torch.rand(target_length, self.spec.output_size, generator=generator)
         trained = train_value(self.backbone, self.adapter, train_batch, suffix, init,
-                              config.lr, config.max_steps, config.early_stop)
+                              config.lr, config.max_steps, config.early_stop,
+                              config.stop_margin)
         timings["optimisation"] = time.perf_counter() - tick
 
         tick = time.perf_counter()

@@ -96,6 +96,14 @@ def run_suffix(backbone: Backbone, suffix: CapturedSuffix, positions: torch.Tens
     return hidden.float()  # (B, L, V)
 
 
+def target_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How far each target's logit leads the best other token. logits (B, L, V), targets (B, L)
+    -> (B, L); positive exactly where the target is the argmax."""
+    target = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L)
+    others = logits.scatter(-1, targets.unsqueeze(-1), float("-inf")).amax(-1)  # (B, L)
+    return target - others
+
+
 def train_value(
     backbone: Backbone,
     adapter: CodebookAdapter,
@@ -105,11 +113,13 @@ def train_value(
     lr: float,
     max_steps: int,
     early_stop: bool,
+    stop_margin: float = 0.0,
 ) -> TrainResult:
     """Adam on the entry's values so every row of `batch` produces its whole answer.
 
     batch.targets (B, L); init_values (L, Dout). Stops once the argmax at every answer position of
-    every row equals the target (then greedy generation yields exactly the answer), if `early_stop`.
+    every row equals the target (then greedy generation yields exactly the answer) with a logit
+    lead of more than `stop_margin` over the runner-up, if `early_stop`.
     """
     assert batch.targets is not None
     started = time.perf_counter()
@@ -124,7 +134,7 @@ def train_value(
         for steps in range(1, max_steps + 1):
             with adapter.scope(batch.key_positions, mode="forced", forced_values=values):
                 logits = run_suffix(backbone, suffix, positions)  # (B, L, V)
-            if early_stop and bool((logits.argmax(-1) == targets).all()):
+            if early_stop and bool((target_margins(logits.detach(), targets) > stop_margin).all()):
                 converged = True
                 steps -= 1
                 break

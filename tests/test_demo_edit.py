@@ -39,3 +39,35 @@ def test_kbctl_demo_runs_in_process(capsys):
     assert result["after"][0] == "aqua marine"
     assert result["before"][3] == result["after"][3]  # the circle keeps its answer
     assert "edit fired" in capsys.readouterr().out
+
+
+def _answer_margins(ed: editor.Editor, img, question: str, answer: str):
+    """Teacher-forced lead of each answer token's logit (incl. end of sequence) over the runner-up,
+    edits on, through the whole model (not the optimiser's cached suffix)."""
+    import torch
+
+    from editor.training import target_margins
+
+    batch = ed.backbone.encode([ed.backbone.query(img, question)], [answer])
+    with torch.no_grad(), ed.adapter.scope(batch.key_positions, mode="lookup"):
+        logits = ed.backbone.model(**ed.backbone.model_inputs(batch), use_cache=False).logits.float().cpu()
+    steps = batch.key_positions.unsqueeze(1) + torch.arange(batch.targets.shape[1])  # (1, L)
+    answer_logits = logits.gather(1, steps.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (1, L, V)
+    return target_margins(answer_logits, batch.targets)[0]  # (L,)
+
+
+def test_stop_margin_trains_until_every_answer_token_leads_by_that_margin(demo):
+    # A tiny random model's logits are nearly flat, so the margin needs the trained demo model.
+    rectangle = easy_vqa_examples()["rectangle"][0]
+    fact = editor.Fact(rectangle, QUESTION, "oblong box")
+    with editor.Editor(demo, stop_margin=0.0) as ed:
+        plain = ed.apply(fact)
+        plain_margin = _answer_margins(ed, rectangle, QUESTION, "oblong box")
+    with editor.Editor(demo, stop_margin=1.0) as ed:
+        sure = ed.apply(fact)
+        sure_margin = _answer_margins(ed, rectangle, QUESTION, "oblong box")
+        assert ed.answer(rectangle, QUESTION) == "oblong box"
+    assert plain.converged and sure.converged and sure.steps < ed.config.max_steps
+    assert float(plain_margin.min()) < 1.0, "the plain stop should end below the margin (else this proves nothing)"
+    assert sure.steps > plain.steps
+    assert float(sure_margin.min()) > 1.0 - 1e-4

@@ -107,3 +107,11 @@ def test_editor_refuses_a_second_adapter_on_the_same_layer(backbone):
     with Editor(backbone):
         with pytest.raises(EditorError, match="already carries a codebook adapter"):
             Editor(backbone)
+
+
+def test_stop_margin_must_not_be_negative():
+    from editor.config import EditConfig
+    from editor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stop_margin must be 0 or more, got -0.5"):
+        EditConfig(stop_margin=-0.5)
