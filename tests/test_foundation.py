@@ -76,3 +76,17 @@ def test_postgres_server_answers(postgres_url):
     with engine.connect() as connection:
         assert connection.execute(sa.text("select 40 + 2")).scalar() == 42
     engine.dispose()
+
+
+def test_schema_revision_is_the_newest_migration(tmp_path):
+    from kb_daemon.config import Settings
+    from kb_daemon.db import SCHEMA_REVISION, Database
+
+    db = Database(Settings.from_env({"KB_HOME": str(tmp_path)}))
+    try:
+        assert db.head_revision() == SCHEMA_REVISION
+        db.upgrade()
+        db.check_schema()  # a freshly migrated database is accepted
+        assert db.current_revision() == SCHEMA_REVISION
+    finally:
+        db.dispose()
