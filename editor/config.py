@@ -87,8 +87,10 @@ class EditConfig:
                 f"unknown hyperparameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
         if values.get("method") == "grace":
-            # GRACE's published settings (Hartvigsen et al. 2023): cold values, lr 1.0, 100 steps.
-            values = {"value_init": "cold", "lr": 1.0, "early_stop": False, **values}
+            # GRACE's published settings (Hartvigsen et al. 2023): Euclidean keys, cold values,
+            # lr 1.0, 100 steps without early stopping.
+            values = {"distance": "euclidean", "value_init": "cold", "lr": 1.0, "early_stop": False,
+                      **values}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -248,11 +248,7 @@ def parse_hparams(pairs: tuple[str, ...]) -> dict[str, Any]:
             result[key] = json.loads(raw)
         except json.JSONDecodeError:
             result[key] = raw
-    if result:
-        from editor.config import EditConfig
-
-        EditConfig.from_dict(dict(result))  # unknown keys and bad values fail now, not in the worker
-    return result
+    return result  # checked (unknown keys, bad values) and pinned by register_model
 
 
 def model_json(row: Any) -> dict[str, Any]:

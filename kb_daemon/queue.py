@@ -65,7 +65,12 @@ def register_model(
         raise InvalidInput(f"{path!r} is not a model directory (no config.json)")
     if not 0.0 <= canary_max_changed <= 1.0:
         raise InvalidInput(f"canary share must lie in [0, 1], got {canary_max_changed}")
-    model = Model(name=name, path=path, layer=layer, hparams=hparams or {}, reference_pool=reference_pool,
+    from editor.config import EditConfig  # a dataclass module: no torch
+
+    # Every knob is pinned now, defaults included: a later release's defaults never change the
+    # radii or values of a model whose history was built with the old ones.
+    pinned = EditConfig.from_dict(dict(hparams or {})).to_dict()
+    model = Model(name=name, path=path, layer=layer, hparams=pinned, reference_pool=reference_pool,
                   canary_path=canary_path, canary_max_changed=canary_max_changed, ingest_source=ingest_source,
                   head_version=0, next_job_seq=0)
     session.add(model)
