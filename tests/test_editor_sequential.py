@@ -86,6 +86,44 @@ def test_hard_negatives_from_the_reference_pool_stay_outside(backbone):
                 assert after.fact_id is None and after.text == before.text
 
 
+@pytest.mark.parametrize("count", [1, 3, 100])
+def test_hard_negatives_equal_checking_every_candidate_while_checking_fewer(backbone, count, monkeypatch):
+    import torch
+
+    from editor.fact import normalise_answer
+    from editor.radius import pairwise_distances
+
+    pool = [ReferenceItem(img, q) for img in (GREEN, BLUE, image((200, 200, 20)), image((0, 0, 0), "circle"))
+            for q in (Q, "what colour is the shape?", "is there a circle?", "is the shape red?", "what is it?")]
+    with Editor(backbone, reference_pool=pool, num_hard_negatives=count) as ed:
+        query = backbone.query(RED, Q)
+        original, tokens = ed._unedited_answer(query)
+        candidates = ed._same_image_candidates(query)
+        candidate_keys = ed.keys(candidates)
+        key = ed.keys([query])[0]
+        check_every_candidate = ed._agrees_with
+        checked: list[int] = []
+
+        def counting(queries, answer_tokens):
+            checked.append(len(queries))
+            return check_every_candidate(queries, answer_tokens)
+
+        monkeypatch.setattr(ed, "_agrees_with", counting)
+        mined = ed._hard_negative_keys(key, candidates, candidate_keys, original, tokens)
+        # The reference: every candidate checked, then the `count` nearest that differ.
+        index = ed._pool_index()
+        keys = torch.cat([index.keys, candidate_keys])
+        differs = [a != normalise_answer(original) for a in index.answers]
+        differs += [not agree for agree in check_every_candidate(candidates, tokens)]
+        order = torch.argsort(pairwise_distances(key[None], keys, ed.config.distance)[0], stable=True).tolist()
+        expected = keys[[i for i in order if differs[i]][:count]]
+    assert len(candidates) == 4
+    assert torch.equal(mined, expected)
+    assert sum(checked) <= len(candidates)
+    if count == 100:  # more than there are: every candidate had to be checked
+        assert sum(checked) == len(candidates) and mined.shape[0] == sum(differs)
+
+
 def test_cosine_distance_edits(backbone):
     with Editor(backbone, distance="cosine") as ed:
         report = ed.apply(Fact(RED, Q, "aqua marine", rephrases=("What shape is in the image?",)))
