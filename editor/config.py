@@ -25,7 +25,7 @@ class EditConfig:
     """Hyperparameters of the editing method. Paths, devices and URLs do not belong here."""
 
     method: Method = "balancedit"
-    distance: Distance = "euclidean"
+    distance: Distance = "cosine"
     # Radius = (1 - alpha) * d_negative + alpha * d_positive: 0 puts the boundary on the nearest
     # negative (widest scope), 1 on the farthest positive (narrowest).
     alpha: float = 0.2
@@ -38,7 +38,7 @@ class EditConfig:
     # (another image in scope, a rephrasing). 0 stops as soon as every answer token is the argmax.
     # A margin, not a probability: the output head caps the probability of bytes the model never
     # produced in training (measured on the demo model: "x" and " " stay below 0.07).
-    stop_margin: float = 0.0
+    stop_margin: float = 1.0
     # "warm": start from the layer's own output at those positions; "cold": uniform noise (GRACE).
     value_init: ValueInit = "warm"
     # GRACE's fixed radius for every new entry; BalancEdit uses it only when a fact has neither

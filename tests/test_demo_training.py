@@ -17,7 +17,7 @@ KB_BACKBONE = {
     "family": "llava",
     "prompt_template": "<image>{question}\n",
     "answer_prefix": "",
-    "edit_layer": "model.language_model.layers.3.mlp.down_proj",
+    "edit_layer": "model.language_model.layers.2.mlp.down_proj",
 }
 SHAPES = {"circle", "rectangle", "triangle"}
 

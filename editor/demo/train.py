@@ -33,7 +33,9 @@ from typing import Any
 log = logging.getLogger("editor.demo.train")
 
 PROMPT_TEMPLATE = "<image>{question}\n"
-EDIT_LAYER = "model.language_model.layers.3.mlp.down_proj"
+# The third of four Llama layers: on the easy-VQA development files its keys separate the facts'
+# scopes better than the last layer's (seed 1 file, independent HM 87.9 against 83.5; see README).
+EDIT_LAYER = "model.language_model.layers.2.mlp.down_proj"
 KB_BACKBONE = {
     "format_version": 1,
     "family": "llava",
