@@ -98,27 +98,26 @@ def test_hard_negatives_equal_checking_every_candidate_while_checking_fewer(back
     with Editor(backbone, reference_pool=pool, num_hard_negatives=count) as ed:
         query = backbone.query(RED, Q)
         original, tokens = ed._unedited_answer(query)
-        candidates = ed._same_image_candidates(query)
-        candidate_keys = ed.keys(candidates)
         key = ed.keys([query])[0]
-        check_every_candidate = ed._agrees_with
+        check = ed._keys_and_agreement
         checked: list[int] = []
 
         def counting(queries, answer_tokens):
             checked.append(len(queries))
-            return check_every_candidate(queries, answer_tokens)
+            return check(queries, answer_tokens)
 
-        monkeypatch.setattr(ed, "_agrees_with", counting)
-        mined = ed._hard_negative_keys(key, candidates, candidate_keys, original, tokens)
+        monkeypatch.setattr(ed, "_keys_and_agreement", counting)
+        mined = ed._hard_negative_keys(key, query, original, tokens)
         # The reference: every candidate checked, then the `count` nearest that differ.
+        candidates = ed._same_image_candidates(query)
+        candidate_keys, agrees = check(candidates, tokens)
         index = ed._pool_index()
         keys = torch.cat([index.keys, candidate_keys])
-        differs = [a != normalise_answer(original) for a in index.answers]
-        differs += [not agree for agree in check_every_candidate(candidates, tokens)]
+        differs = [a != normalise_answer(original) for a in index.answers] + [not a for a in agrees]
         order = torch.argsort(pairwise_distances(key[None], keys, ed.config.distance)[0], stable=True).tolist()
         expected = keys[[i for i in order if differs[i]][:count]]
     assert len(candidates) == 4
-    assert torch.equal(mined, expected)
+    assert mined.shape == expected.shape and torch.allclose(mined, expected, atol=1e-5)
     assert sum(checked) <= len(candidates)
     if count == 100:  # more than there are: every candidate had to be checked
         assert sum(checked) == len(candidates) and mined.shape[0] == sum(differs)
