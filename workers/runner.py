@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import logging
 import os
 import threading
@@ -74,10 +73,7 @@ class Change:
     applied: list[str] = field(default_factory=list)
     superseded: dict[str, str] = field(default_factory=dict)  # old fact id -> new fact id
     retracted: list[str] = field(default_factory=list)
-    # One JSON text per fact: a report as a dict is ~80 small Python objects (distances, fact ids
-    # of split entries), and a batch holding 1,000 of them until its commit scattered the codebook's
-    # long-lived objects among arenas that stayed mapped after the reports were freed.
-    reports: list[str] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
     held: bool = False
     result: dict[str, Any] = field(default_factory=dict)
     # Fact ids of this job's entries known to be in the database already (stored by a checkpoint).
@@ -292,7 +288,7 @@ def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: st
     change.applied.append(fact_id)
     for old in report.superseded:
         change.superseded[old] = fact_id
-    change.reports.append(json.dumps(report.to_dict()))
+    change.reports.append(report.to_dict())
 
 
 def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:
@@ -338,8 +334,7 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         _update_ledger(session, version, change)
         now = utcnow()
         job.status = "held" if change.held else "done"
-        job.result = {"version": version.number, "reports": [json.loads(r) for r in change.reports],
-                      **change.result}
+        job.result = {"version": version.number, "reports": change.reports, **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
         number = version.number
         _fault_pause_in_commit(session, job_id, number)
