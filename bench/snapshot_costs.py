@@ -10,10 +10,10 @@ layer (Din 512, Dout 128, 3-12 answer steps):
 
 Target: flat along the history series, linear along the size series. Measured per database:
 `materialise` of the head and of the first full version (deep in the history), with the share spent
-finding the rows (`entries_at`) and reading the blobs (`get_blobs` + decode); the rest is building
-the `editor.Codebook`, which replays GRACE's overlap rule (candidate pairs found by blocked matrix
-products over all N x N pairs, so this part grows faster than N). `spans` is the number of span
-rows of the model: the span query for the head reads all of them (see `entries_at`). `rollback`
+finding the rows (`entries_and_radii_at`) and reading the blobs (`get_blobs` + decode); the rest is
+building the `editor.Codebook` from the radii stored on the spans (GRACE's overlap rule is applied
+incrementally while the history is built, as a worker does, and not replayed when loading).
+`spans` is the number of span rows of the model. `rollback`
 does what the worker does (materialise the target, then record a new version holding its
 entries), alternating between the previous head and the head. `export` runs `kbctl export` in process.
 
@@ -42,6 +42,7 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
     first `growth` versions and then has its oldest entry replaced by a new one at every version."""
     import torch
 
+    from editor.codebook import Codebook, CodebookSpec
     from editor.codebook import Entry as EditorEntry
     from kb_daemon.config import Settings
     from kb_daemon.db import Database
@@ -62,6 +63,8 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
             "output_size": OUTPUT_SIZE,
             "distance": "euclidean",
         }
+    # The worker's in-memory codebook: it gives each version's effective radii.
+    book = Codebook(CodebookSpec("bench", "layer", INPUT_SIZE, OUTPUT_SIZE, "euclidean"), {})
     live: list[str] = []
     made = 0
     started = time.perf_counter()
@@ -73,7 +76,7 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
                 if number <= growth:
                     adds = entries * number // growth - entries * (number - 1) // growth
                 else:
-                    live.pop(0)
+                    book.remove(live.pop(0))
                     adds = 1
                 for _ in range(adds):
                     fact = record_fact(
@@ -84,26 +87,26 @@ def build(home: Path, entries: int, versions: int, growth: int, seed: int) -> di
                         source="bench",
                     )
                     steps = rng.randint(3, 12)
-                    store_entry(
-                        session,
-                        model,
-                        EditorEntry(
-                            fact.id,
-                            f"answer {made}",
-                            f"input-{made}",
-                            torch.randn(INPUT_SIZE, generator=generator),
-                            torch.randn(steps, OUTPUT_SIZE, generator=generator),
-                            rng.uniform(1, 5),
-                        ),
+                    entry = EditorEntry(
+                        fact.id,
+                        f"answer {made}",
+                        f"input-{made}",
+                        torch.randn(INPUT_SIZE, generator=generator),
+                        torch.randn(steps, OUTPUT_SIZE, generator=generator),
+                        rng.uniform(1, 5),
                     )
+                    store_entry(session, model, entry)
+                    book.add(entry)
                     live.append(fact.id)
                     made += 1
+                assert book.fact_ids == live
                 commit_version(
                     session,
                     model,
                     parent=model.head_version,
                     kind="edit",
                     entries=entry_rows_for(session, model, live),
+                    radii=book.radii.tolist(),
                     actor="bench",
                     source="bench",
                     job_id=None,
@@ -179,6 +182,7 @@ def rollback(db: Any, target: int) -> dict[str, float]:
             parent=model.head_version,
             kind="rollback",
             entries=rows,
+            radii=codebook.radii.tolist(),
             actor="bench",
             source="bench",
             job_id=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -100,15 +101,38 @@ class Codebook:
     def fact_ids(self) -> list[str]:
         return [e.fact_id for e in self.entries]
 
-    def _refresh(self) -> None:
+    @classmethod
+    def with_radii(
+        cls, spec: CodebookSpec, hparams: dict[str, Any], entries: list[Entry], radii: Sequence[float]
+    ) -> Codebook:
+        """A codebook whose effective radii are already known (the daemon stores them with each
+        version): the overlap rule is not replayed, so building it is linear in its size.
+
+        `radii` must be what the rule gives for `entries` in this order (tests check the daemon's
+        stored radii against the replay). Which entries cut which is not known: `cut_by` starts
+        empty for them; adding an entry records its own cuts, and removing one replays the rule.
+        """
+        resolved = torch.tensor([float(r) for r in radii], dtype=torch.float32)  # (N,)
+        if resolved.shape != (len(entries),):
+            raise IncompatibleCodebookError(f"{resolved.shape[0]} radii for {len(entries)} entries")
+        book = cls(spec, dict(hparams))
+        book.entries = list(entries)
+        book._refresh(resolved)
+        return book
+
+    def _refresh(self, radii: torch.Tensor | None = None) -> None:
+        """Rebuild the stores from `entries`; the radii are replayed by the overlap rule unless given."""
         if self.entries:
             self._adopt_stores(torch.stack([e.key for e in self.entries]),  # (N, Din)
                                torch.cat([e.values for e in self.entries]))  # (sum L, Dout)
-            base = torch.tensor([e.base_radius for e in self.entries], dtype=torch.float32)
-            split = resolve_overlaps(
-                self.keys, base, [e.answer for e in self.entries], self.spec.distance
-            )
-            self.radii, self.cut_by = split.radii, split.cut_by
+            if radii is not None:
+                self.radii, self._cuts = radii, [array("i") for _ in self.entries]
+            else:
+                base = torch.tensor([e.base_radius for e in self.entries], dtype=torch.float32)
+                split = resolve_overlaps(
+                    self.keys, base, [e.answer for e in self.entries], self.spec.distance
+                )
+                self.radii, self.cut_by = split.radii, split.cut_by
         else:
             self._adopt_stores(torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size))
             self.radii = torch.zeros(0)

@@ -122,7 +122,13 @@ class EntrySpan(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("entries.id"))
     from_version: Mapped[int] = mapped_column(Integer)
     to_version: Mapped[int | None] = mapped_column(Integer)
-    __table_args__ = (Index("ix_entry_spans_model_versions", "model_id", "from_version", "to_version"),)
+    # The entry's effective radius in these versions (after GRACE's overlap rule); a change of
+    # radius closes the span and opens another. NULL on spans written before migration 0002.
+    radius: Mapped[float | None] = mapped_column(Float)
+    __table_args__ = (
+        Index("ix_entry_spans_model_versions", "model_id", "from_version", "to_version"),
+        Index("ix_entry_spans_model_to_version", "model_id", "to_version"),
+    )
 
 
 class Version(Base):

@@ -74,8 +74,14 @@ def latest_number(session: Session, model: Model) -> int | None:
 
 def entries_at(session: Session, model: Model, number: int) -> list[Entry]:
     """The entries of version `number`, in codebook order."""
+    return [entry for entry, _radius in entries_and_radii_at(session, model, number)]
+
+
+def entries_and_radii_at(session: Session, model: Model, number: int) -> list[tuple[Entry, float | None]]:
+    """The entries of version `number` in codebook order, each with its effective radius there
+    (None for spans recorded before radii were stored)."""
     rows = session.execute(
-        select(Entry)
+        select(Entry, EntrySpan.radius)
         .join(EntrySpan, EntrySpan.entry_id == Entry.id)
         .where(
             EntrySpan.model_id == model.id,
@@ -83,8 +89,8 @@ def entries_at(session: Session, model: Model, number: int) -> list[Entry]:
             or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number),
         )
         .order_by(Entry.id)
-    ).scalars()
-    return list(rows)
+    ).all()
+    return [(entry, radius) for entry, radius in rows]
 
 
 def content_hash(entries: Sequence[Entry]) -> str:
@@ -107,6 +113,7 @@ def commit_version(
     parent: int,
     kind: str,
     entries: Sequence[Entry],
+    radii: Sequence[float] | None = None,
     actor: str,
     source: str,
     job_id: int | None,
@@ -115,28 +122,36 @@ def commit_version(
 ) -> Version:
     """Record the next version of `model` holding exactly `entries`; make it head unless held.
 
+    `radii` are the entries' effective radii in this version (the editor's `Codebook.radii`, in
+    the same order); they are stored on the spans, so that materialising needs no replay of the
+    overlap rule. A span whose entry stays but whose radius changes is closed and a new one opened.
     The caller holds the model's lock (see queue.lock_model) and commits the session.
     """
+    if radii is not None and len(radii) != len(entries):
+        raise ValueError(f"{len(radii)} radii for {len(entries)} entries")
     number = (latest_number(session, model) or 0) + 1
-    wanted = {e.id for e in entries}
+    stored_radii: Sequence[float | None] = [None] * len(entries) if radii is None else [float(r) for r in radii]
+    wanted = {e.id: radius for e, radius in zip(entries, stored_radii, strict=True)}
     open_spans = list(session.execute(
         select(EntrySpan).where(EntrySpan.model_id == model.id, EntrySpan.to_version.is_(None))
     ).scalars())
     open_ids = {span.entry_id for span in open_spans}
     for span in open_spans:
-        if span.entry_id not in wanted:
+        if span.entry_id not in wanted or span.radius != wanted[span.entry_id]:
             span.to_version = number
-    for entry_id in sorted(wanted - open_ids):
-        session.add(EntrySpan(model_id=model.id, entry_id=entry_id, from_version=number, to_version=None))
+    kept = {span.entry_id for span in open_spans if span.to_version is None}
+    for entry_id in sorted(set(wanted) - kept):
+        session.add(EntrySpan(model_id=model.id, entry_id=entry_id, from_version=number, to_version=None,
+                              radius=wanted[entry_id]))
     # The open spans are the entries of the latest version: no second scan when that is the parent.
     if parent == number - 1:
         parent_ids = set(open_ids)
     else:
         parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
     fact_of = {e.id: e.fact_id for e in entries}
-    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - wanted))).scalars()
+    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - set(wanted)))).scalars()
     summary = {
-        "added": [fact_of[i] for i in sorted(wanted - parent_ids)],
+        "added": [fact_of[i] for i in sorted(set(wanted) - parent_ids)],
         "removed": sorted(removed_rows),
         **summary,
     }
@@ -186,14 +201,23 @@ def entry_rows_for(session: Session, model: Model, fact_ids: Sequence[str]) -> l
 
 
 def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
-    """The codebook of version `number`, every blob checked against its SHA-256."""
+    """The codebook of version `number`, every blob checked against its SHA-256.
+
+    The radii come from the spans when every span of the version has one (linear in the size);
+    otherwise the editor replays the overlap rule over the entries.
+    """
     get_version(session, model, number)
-    rows = entries_at(session, model, number)
-    return codebook_of(session, model, rows, f"version {number} of model {model.name!r}")
+    pairs = entries_and_radii_at(session, model, number)
+    rows = [entry for entry, _radius in pairs]
+    radii = [radius for _entry, radius in pairs]
+    stored = [float(r) for r in radii if r is not None] if pairs and None not in radii else None
+    return codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored)
 
 
-def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str) -> editor.Codebook:
-    """A codebook of stored entries, in the given order, every blob checked."""
+def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str,
+                radii: Sequence[float] | None = None) -> editor.Codebook:
+    """A codebook of stored entries, in the given order, every blob checked; `radii`, when given,
+    are the entries' effective radii (else they are replayed)."""
     from editor.codebook import Codebook, CodebookSpec, entry_from_bytes
 
     if model.spec is None:
@@ -201,7 +225,10 @@ def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str
     blobs = get_blobs(session, [row.blob_sha256 for row in rows], what)
     entries = [entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
                for row in rows]
-    return Codebook(CodebookSpec(**model.spec), dict(model.hparams), entries)
+    spec, hparams = CodebookSpec(**model.spec), dict(model.hparams)
+    if radii is not None:
+        return Codebook.with_radii(spec, hparams, entries, radii)
+    return Codebook(spec, hparams, entries)
 
 
 def get_blobs(session: Session, digests: Sequence[str], what: str) -> dict[str, bytes]:

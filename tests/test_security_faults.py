@@ -91,14 +91,22 @@ def test_worker_refuses_a_database_without_the_current_schema(tmp_path, assets):
     result = d.kbctl("worker", expect=1)
     assert result.stderr.startswith("Error: database sqlite:///") and "run `kbctl init`" in result.stderr
     d.kbctl("init")
-    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
-    with engine.begin() as connection:
-        connection.execute(sa.text("UPDATE alembic_version SET version_num = '0000'"))
-    engine.dispose()
+    # A real older schema: migrate the fresh database back to the first revision.
+    from alembic import command
+
+    from kb_daemon.config import Settings
+    from kb_daemon.db import SCHEMA_REVISION, Database
+
+    db = Database(Settings.from_env(d.env))
+    command.downgrade(db.alembic_config(), "0001")
+    db.dispose()
+    assert SCHEMA_REVISION != "0001"
     result = d.kbctl("worker", expect=1)
-    assert result.stderr == ("Error: database schema is at revision 0000, this code needs 0001; "
+    assert result.stderr == (f"Error: database schema is at revision 0001, this code needs {SCHEMA_REVISION}; "
                              "run `kbctl db upgrade`\n")
     assert d.kbctl("status", expect=1).stderr == result.stderr
+    d.kbctl("db", "upgrade")
+    assert d.kbctl("--model", "demo", "status", "--json")["head_version"] == 0
 
 
 @pytest.mark.slow

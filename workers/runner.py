@@ -326,7 +326,8 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         store_new_entries(session, model, codebook, change)
         rows = entry_rows_for(session, model, codebook.fact_ids)
         version = commit_version(
-            session, model, parent=head, kind=change.kind, entries=rows, actor=job.actor, source=job.source,
+            session, model, parent=head, kind=change.kind, entries=rows, radii=codebook.radii.tolist(),
+            actor=job.actor, source=job.source,
             job_id=job.id, summary={"job": job.id, **({"canaries": change.result["canaries"]}
                                                       if "canaries" in change.result else {})},
             held=change.held,
