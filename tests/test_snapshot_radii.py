@@ -36,6 +36,20 @@ def db(tmp_path):
     database.dispose()
 
 
+@pytest.fixture
+def replays(monkeypatch):
+    """Counts the replays of the overlap rule while a codebook is built (a one-item list)."""
+    count = [0]
+    real = codebook_module.resolve_overlaps
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codebook_module, "resolve_overlaps", counting)
+    return count
+
+
 def entry(session, model, x: float, answer: str, radius: float) -> Entry:
     """An entry whose key lies on the first axis at `x`, stored in the database."""
     fact = record_fact(session, model, FactInput(None, f"q {x}?", answer), actor="test", source="test")
@@ -52,7 +66,7 @@ def commit(session, model, book: Codebook, with_radii: bool = True) -> int:
     return version.number
 
 
-def test_materialised_radii_equal_the_replay_through_cuts_retract_and_rollback(db, monkeypatch):
+def test_materialised_radii_equal_the_replay_through_cuts_retract_and_rollback(db, replays):
     book = Codebook(SPEC)
     versions: dict[int, list[str]] = {}
     with db.session() as session:
@@ -77,20 +91,11 @@ def test_materialised_radii_equal_the_replay_through_cuts_retract_and_rollback(d
         versions[rolled.number] = target.fact_ids
         spans = session.query(EntrySpan).filter(EntrySpan.entry_id.in_([r.id for r in rows])).count()
 
-    replays = 0
-    real = codebook_module.resolve_overlaps
-
-    def counting(*args, **kwargs):
-        nonlocal replays
-        replays += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(codebook_module, "resolve_overlaps", counting)
+    replays[0] = 0
     with db.session() as session:
         model = get_model(session, "m")
         loaded = {number: materialise(session, model, number) for number in versions}
-    assert replays == 0, "stored radii must be read, not replayed"
-    monkeypatch.setattr(codebook_module, "resolve_overlaps", real)
+    assert replays[0] == 0, "stored radii must be read, not replayed"
     for number, fact_ids in versions.items():
         replayed = Codebook(SPEC, {}, list(loaded[number].entries))
         assert loaded[number].fact_ids == fact_ids
@@ -104,23 +109,15 @@ def test_materialised_radii_equal_the_replay_through_cuts_retract_and_rollback(d
     assert spans == 6
 
 
-def test_versions_recorded_without_radii_are_replayed(db, monkeypatch):
+def test_versions_recorded_without_radii_are_replayed(db, replays):
     book = Codebook(SPEC)
     with db.session() as session:
         model = lock_model(session, get_model(session, "m").id)
         book.add(entry(session, model, 0.0, "ring", 3.0))
         book.add(entry(session, model, 4.0, "wedge", 3.0))
         number = commit(session, model, book, with_radii=False)  # as before migration 0002
-    replays = 0
-    real = codebook_module.resolve_overlaps
-
-    def counting(*args, **kwargs):
-        nonlocal replays
-        replays += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(codebook_module, "resolve_overlaps", counting)
+    replays[0] = 0
     with db.session() as session:
         loaded = materialise(session, get_model(session, "m"), number)
-    assert replays == 1
+    assert replays[0] == 1
     assert loaded.radii.tolist() == [2.0, 2.0]
