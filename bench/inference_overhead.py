@@ -74,20 +74,27 @@ def check_bulk_equals_constructor(spec: Any, keys: Any, radii: Any, values: Any)
         raise AssertionError("bulk codebook differs from the one the constructor builds")
 
 
-def far_keys(queries: Any, count: int, generator: Any) -> tuple[Any, Any]:
+def far_keys(queries: Any, count: int, generator: Any, distance: str) -> tuple[Any, Any]:
     """`count` random keys, each far from every query, and a radius that none of them reaches.
 
-    queries (B, Din) -> keys (count, Din), radii (count,).
+    queries (B, Din) -> keys (count, Din), radii (count,). The radius is a quarter of the smallest
+    query-to-key and key-to-key distance (under `distance`, over the first 2,000 keys), so no ball
+    holds a query and no two balls overlap; `check_bulk_equals_constructor` confirms the latter.
     """
     import torch
+
+    from editor.radius import pairwise_distances
 
     scale = float(queries.norm(dim=1).mean())
     centre = queries.mean(dim=0)  # (Din,)
     directions = torch.randn(count, queries.shape[1], generator=generator)  # (count, Din)
     directions = directions / directions.norm(dim=1, keepdim=True)
     keys = centre + 4.0 * scale * directions  # every key about 4 query norms from the queries
-    # Random keys on a sphere of radius 4*scale are about 5.6*scale apart; 0.5*scale never overlaps.
-    radii = torch.full((count,), 0.5 * scale)
+    sample = keys[:2000]  # (S, Din)
+    between = pairwise_distances(sample, sample, distance)  # type: ignore[arg-type]  # (S, S)
+    between.fill_diagonal_(float("inf"))
+    nearest = min(float(pairwise_distances(queries, keys, distance).min()), float(between.min()))  # type: ignore[arg-type]
+    radii = torch.full((count,), 0.25 * nearest)
     return keys.contiguous(), radii
 
 
@@ -191,6 +198,7 @@ def measure_model(
 
     import editor
     from editor.codebook import Codebook
+    from editor.radius import pairwise_distances
     from kb_daemon.demo import QUESTION
 
     backbone = load_model(name)
@@ -209,7 +217,7 @@ def measure_model(
         query_keys = {b: ed.keys([backbone.query(images[i], QUESTION) for i in range(b)]) for b in batches}
         all_queries = torch.cat(list(query_keys.values()))
         largest = max(sizes)
-        keys, radii = far_keys(all_queries, largest, generator)
+        keys, radii = far_keys(all_queries, largest, generator, spec.distance)
         values = torch.randn(NEW_TOKENS, spec.output_size, generator=generator) * 0.1  # (L, Dout)
         check_bulk_equals_constructor(spec, keys[:2000], radii[:2000], values)
 
@@ -219,9 +227,9 @@ def measure_model(
                 # Entry size // 2 sits on row 0's own key, with a radius that reaches no other row.
                 k, r = k.clone(), r.clone()
                 own = query_keys[batch]  # (B, Din)
-                others = (own[1:] - own[0]).norm(dim=1)
+                others = pairwise_distances(own[:1], own[1:], spec.distance)  # (1, B-1)
                 k[size // 2] = own[0]
-                r[size // 2] = 0.5 * float(others.min()) if len(others) else 1.0
+                r[size // 2] = 0.5 * float(others.min()) if others.numel() else float(r[0])
             return synthetic_codebook(spec, {}, k, r, values)
 
         # "none" at every size but the skipped ones; "fires" at the first size that matters (10k).
