@@ -129,14 +129,14 @@ def materialise_parts(db: Any, number: int) -> dict[str, float]:
     """Time `materialise` of a version, then (separately) its first two steps: rows and blobs."""
     from editor.codebook import entry_from_bytes
     from kb_daemon.queue import get_model
-    from kb_daemon.snapshots import entries_at, get_blobs, materialise
+    from kb_daemon.snapshots import collector_paused, entries_at, get_blobs, materialise
 
     with db.session() as session:
         model = get_model(session, "bench")
         tick = time.perf_counter()
         codebook = materialise(session, model, number)
         total = time.perf_counter() - tick
-    with db.session() as session:
+    with db.session() as session, collector_paused():  # as materialise does
         model = get_model(session, "bench")
         tick = time.perf_counter()
         rows = entries_at(session, model, number)

@@ -4,14 +4,17 @@ An entry's tensors are stored once (a blob named by its SHA-256) however many ve
 Which entries a version holds is recorded as spans: entry e is in every version v with
 from_version <= v < to_version. A new version only opens and closes spans for what changed, so
 storage grows with the changes, not with the length of the history. A version's codebook is its
-entries in creation order; the effective radii are replayed from them by the editor.
+entries in creation order; each span also records the entry's effective radius in its versions
+(migration 0002), so materialising reads the radii; spans without one are replayed by the editor.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,25 @@ class CorruptBlob(KbError):
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a version's rows and entries are built.
+
+    Building N ORM rows and N entries allocates a few objects per entry and frees none, which
+    triggers generational collections that rescan the growing heap: at 10,000 entries they took a
+    third of materialising (0.71 s with, 0.42-0.52 s without). Nothing built here is a cycle
+    that needs collecting before the block ends; the collector resumes after it. Also usable as a
+    decorator.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def put_blob(session: Session, data: bytes, kind: str) -> str:
@@ -106,6 +128,7 @@ class NewVersion:
     removed: list[str]
 
 
+@collector_paused()  # it loads and writes a row per entry, as materialise does
 def commit_version(
     session: Session,
     model: Model,
@@ -207,11 +230,13 @@ def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
     otherwise the editor replays the overlap rule over the entries.
     """
     get_version(session, model, number)
-    pairs = entries_and_radii_at(session, model, number)
-    rows = [entry for entry, _radius in pairs]
-    radii = [radius for _entry, radius in pairs]
-    stored = [float(r) for r in radii if r is not None] if pairs and None not in radii else None
-    return codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored)
+    with collector_paused():
+        pairs = entries_and_radii_at(session, model, number)
+        rows = [entry for entry, _radius in pairs]
+        radii = [radius for _entry, radius in pairs]
+        stored = [float(r) for r in radii if r is not None] if pairs and None not in radii else None
+        return codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored)
+
 
 
 def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str,
