@@ -1,8 +1,9 @@
 """A 1,000-fact nightly batch through the real queue on the demo model, with a real worker process.
 
-Runs the code path of bench/nightly_batch.py: the worker is warmed up with one fact, then one
-`kbctl ingest` of 1,000 new facts becomes one batch job and one version. The worker's resident
-memory may grow by no more than the tensors of the codebook it now holds.
+Runs the code path of bench/nightly_batch.py: the worker is warmed up with one fact and one
+50-fact batch, then one `kbctl ingest` of 1,000 new facts becomes one batch job and one version.
+Over that batch the worker's resident memory may grow by no more than the tensors the batch added
+to the codebook it holds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 FACTS = 1000
+WARM_UP = 50
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "nightly_batch.py"
 
 
@@ -31,7 +33,7 @@ def load_bench():
 def batch(tmp_path_factory):
     """One 1,000-fact batch, shared by the tests below (about 4-8 minutes on 2 busy cores)."""
     home = tmp_path_factory.mktemp("nightly") / "home"
-    m = load_bench().run(home, FACTS, timeout_seconds=3600)
+    m = load_bench().run(home, FACTS, warm_up_facts=WARM_UP, timeout_seconds=3600)
     print(json.dumps({k: v for k, v in vars(m).items() if not k.startswith(("fact_ids", "rss_samples"))}))
     return home, m
 
@@ -39,15 +41,15 @@ def batch(tmp_path_factory):
 @pytest.mark.slow
 def test_a_thousand_fact_nightly_batch_applies_every_fact_once_in_order(batch):
     home, m = batch
-    assert m.job_status == "done" and m.version == 2  # version 1 is the warm-up fact
-    # Every fact of the source, once, in source order, after the warm-up fact.
+    assert m.job_status == "done" and m.version == 3  # 1: the warm-up fact, 2: the warm-up batch
+    # Every fact of the source, once, in source order, after the warm-up facts.
     assert len(m.fact_ids_submitted) == FACTS
-    assert m.fact_ids_in_version[1:] == m.fact_ids_submitted
-    assert m.codebook_entries == FACTS + 1
+    assert m.fact_ids_in_version[1 + WARM_UP:] == m.fact_ids_submitted
+    assert m.codebook_entries == FACTS + WARM_UP + 1
     engine = sa.create_engine(f"sqlite:///{home / 'kb.sqlite3'}")
     with engine.connect() as connection:
         job = connection.execute(sa.text(
-            "SELECT status, attempts, progress_done, result FROM jobs WHERE kind = 'batch'")).one()
+            "SELECT status, attempts, progress_done, result FROM jobs WHERE id = :id"), {"id": m.batch_job_id}).one()
         statuses = connection.execute(sa.text(
             "SELECT status, entered_version, count(*) FROM facts WHERE key LIKE 'nightly-%' "
             "GROUP BY status, entered_version")).all()
@@ -57,20 +59,22 @@ def test_a_thousand_fact_nightly_batch_applies_every_fact_once_in_order(batch):
     result = json.loads(job.result)
     assert (job.status, job.attempts, job.progress_done) == ("done", 1, FACTS)
     assert result["applied_in_this_attempt"] == FACTS and len(result["reports"]) == FACTS
-    assert statuses == [("applied", 2, FACTS)]
-    assert tuple(entries) == (FACTS + 1, FACTS + 1)
-    assert versions == [0, 1, 2]
+    assert statuses == [("applied", 3, FACTS)]
+    assert tuple(entries) == (FACTS + WARM_UP + 1, FACTS + WARM_UP + 1)
+    assert versions == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "open: after the batch the worker's RSS is ~16 MiB above its warmed-up level for an 8.1 MB "
-    "codebook (31-38 MiB before SQLite's pool was closed, cycles collected and the codebook's keys "
-    "and cut pairs held once after each job); left: ~5 MiB of pymalloc arenas kept by long-lived "
-    "objects allocated among the batch's transient ones, and the codebook's bookkeeping (~10%)"))
+    "open: over the batch the worker's RSS grows ~2x the codebook's tensors (1,000 facts: +15.7 MiB "
+    "for +7.7 MiB). 300 facts: the editor alone +3.1 MiB for +2.3 MiB (per-entry objects and "
+    "tensor views); the runner in process +4.2; the Celery worker +5.4. Python's heap grows 0.4 MiB, "
+    "so the rest is native heap kept by glibc; MALLOC_MMAP_THRESHOLD_=131072 gives +3.6 but makes "
+    "edits 60% slower, PYTHONMALLOC=malloc +6.4"))
 def test_worker_memory_grows_no_more_than_the_codebook(batch):
     _home, m = batch
-    # The issue's bar: the worker's RSS grows by no more than the codebook it holds.
-    assert m.rss_growth_bytes <= m.codebook_tensor_bytes, (
-        f"RSS grew {m.rss_growth_bytes / 2**20:.1f} MiB for a "
-        f"{m.codebook_tensor_bytes / 2**20:.1f} MiB codebook")
+    # The issue's bar: over the batch, the worker's RSS grows by no more than the codebook it holds
+    # grew (the batch's 1,000 entries; the warm-up's 51 are in both measurements).
+    assert m.rss_growth_bytes <= m.codebook_growth_bytes, (
+        f"RSS grew {m.rss_growth_bytes / 2**20:.1f} MiB over the batch while the codebook grew "
+        f"{m.codebook_growth_bytes / 2**20:.1f} MiB")
