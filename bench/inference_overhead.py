@@ -42,6 +42,8 @@ def synthetic_codebook(spec: Any, hparams: dict[str, Any], keys: Any, radii: Any
     Valid only when no two entries overlap (distance >= sum of radii): then GRACE's overlap rule
     leaves every base radius as it is, which `check_bulk_equals_constructor` verifies on a small N.
     All entries share one `values` tensor (L, Dout): only a firing entry's values are ever read.
+    Not `Codebook.with_radii`: it copies every entry's keys and values into the codebook's own
+    stores, N x (Din + L x Dout) floats per codebook, which at 100k entries would not fit in memory.
     """
     import torch
 

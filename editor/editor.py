@@ -306,9 +306,10 @@ class Editor:
             differs += [not agrees.get(i, True) for i in range(len(candidates))]
         else:
             candidate_keys, agree_list = self._keys_and_agreement(candidates, original_tokens)
+            candidate_distance = pairwise_distances(key[None], candidate_keys, self.config.distance)[0]  # (S,)
             differs += [not agree for agree in agree_list]
         keys = torch.cat([pool.keys, candidate_keys])  # (P + S, Din)
-        distance = pairwise_distances(key[None], keys, self.config.distance)[0]  # (P + S,)
+        distance = torch.cat([pool_distance, candidate_distance])  # (P + S,): the same numbers as above
         chosen = [i for i in torch.argsort(distance, stable=True).tolist() if differs[i]][:count]
         return keys[chosen]
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -163,7 +163,7 @@ def commit_version(
         if span.entry_id not in wanted or span.radius != wanted[span.entry_id]:
             span.to_version = number
     kept = {span.entry_id for span in open_spans if span.to_version is None}
-    for entry_id in sorted(set(wanted) - kept):
+    for entry_id in sorted(wanted.keys() - kept):
         session.add(EntrySpan(model_id=model.id, entry_id=entry_id, from_version=number, to_version=None,
                               radius=wanted[entry_id]))
     # The open spans are the entries of the latest version: no second scan when that is the parent.
@@ -172,9 +172,9 @@ def commit_version(
     else:
         parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
     fact_of = {e.id: e.fact_id for e in entries}
-    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - set(wanted)))).scalars()
+    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - wanted.keys()))).scalars()
     summary = {
-        "added": [fact_of[i] for i in sorted(set(wanted) - parent_ids)],
+        "added": [fact_of[i] for i in sorted(wanted.keys() - parent_ids)],
         "removed": sorted(removed_rows),
         **summary,
     }
@@ -234,9 +234,8 @@ def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
         pairs = entries_and_radii_at(session, model, number)
         rows = [entry for entry, _radius in pairs]
         radii = [radius for _entry, radius in pairs]
-        stored = [float(r) for r in radii if r is not None] if pairs and None not in radii else None
+        stored = None if not pairs or None in radii else cast("list[float]", radii)
         return codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored)
-
 
 
 def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str,
