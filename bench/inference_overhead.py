@@ -42,23 +42,16 @@ def synthetic_codebook(spec: Any, hparams: dict[str, Any], keys: Any, radii: Any
     Valid only when no two entries overlap (distance >= sum of radii): then GRACE's overlap rule
     leaves every base radius as it is, which `check_bulk_equals_constructor` verifies on a small N.
     All entries share one `values` tensor (L, Dout): only a firing entry's values are ever read.
-    Not `Codebook.with_radii`: it copies every entry's keys and values into the codebook's own
-    stores, N x (Din + L x Dout) floats per codebook, which at 100k entries would not fit in memory.
+    Built with `Codebook.from_stores`, which uses the tensors as they are; `Codebook.with_radii`
+    would copy every entry's values into its own store, N x L x Dout floats, which at 100k entries
+    would not fit in memory.
     """
-    import torch
+    from editor.codebook import Codebook
 
-    from editor.codebook import Codebook, Entry
-
-    codebook = Codebook(spec, dict(hparams))
-    codebook.entries = [
-        Entry(f"f{i}", f"answer {i}", f"input {i}", keys[i], values, float(radii[i]))
-        for i in range(keys.shape[0])
-    ]
-    codebook.keys = keys  # (N, Din)
-    codebook.radii = radii.to(torch.float32)  # (N,)
-    codebook.cut_by = ((),) * keys.shape[0]
-    codebook._device_cache = {}
-    return codebook
+    n = keys.shape[0]
+    return Codebook.from_stores(
+        spec, dict(hparams), [(f"f{i}", f"answer {i}", f"input {i}") for i in range(n)], keys, values,
+        [(0, values.shape[0])] * n, radii.tolist(), radii)
 
 
 def check_bulk_equals_constructor(spec: Any, keys: Any, radii: Any, values: Any) -> None:
@@ -289,7 +282,7 @@ def measure_model(
         def probe(self: Any, queries: Any) -> Any:
             found, distance = original(self, queries)
             calls.append(
-                {"queries": list(queries.shape), "entries": len(self.entries), "found": list(found.shape)}
+                {"queries": list(queries.shape), "entries": len(self), "found": list(found.shape)}
             )
             return found, distance
 

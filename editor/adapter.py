@@ -166,7 +166,7 @@ class CodebookAdapter(nn.Module):
                 assert state.forced_values is not None
                 values = state.forced_values
             else:
-                values = self.codebook.entries[int(state.fired[row])].values
+                values = self.codebook.values_of(int(state.fired[row]))
             first_step = start - int(state.key_positions[row])  # answer step of position `start`
             lo = max(0, -first_step)  # first local position at or after the key
             hi = min(length, values.shape[0] - first_step)  # past the last step with a value

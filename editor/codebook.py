@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -58,32 +58,48 @@ class Entry:
     base_radius: float  # the radius chosen when the entry was added
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """What the codebook keeps per entry besides its tensors: where they lie in the stores."""
+
+    fact_id: str
+    answer: str
+    input_id: str
+    base_radius: float
+    row: int  # first row of the entry's values in the value store (its key is row `index` of the key store)
+    length: int  # number of value rows (answer steps + 1)
+
+
 class Codebook:
     """Entries in insertion order, with their stacked keys and effective radii.
 
-    Every tensor is held once, in two stores: `keys` is the first N rows of the key store, each
-    entry's `key` is a view of its row, and each entry's `values` a view of its rows of the value
-    store (an entry handed in keeps its own tensors; the codebook's entries point into the stores).
+    Every tensor is held once, in two stores: `keys` is the first N rows of the key store, and
+    each entry's values are a run of rows of the value store. Per entry the codebook keeps only a
+    small record (ids, answer, base radius, the offset and length of its value rows); `entry(i)`
+    and `entries` hand out `Entry` objects whose tensors are views of the stores, made on demand.
+    Two tensor views per entry held for good cost ~1 KB of native memory per entry, scattered
+    across the worker's heap among short-lived activations; offsets cost nothing there.
     Appending writes into spare capacity that grows geometrically, so an added entry copies O(1)
     rows on average instead of the whole (N, Din) matrix, and the codebook is two large blocks of
     memory, not two small blocks per entry scattered among a long-lived worker's other allocations.
     """
 
-    spec: CodebookSpec
-    hparams: dict[str, Any] = field(default_factory=dict)
-    entries: list[Entry] = field(default_factory=list)
-    # Derived from `entries` by `_refresh`; never set directly.
-    keys: torch.Tensor = field(init=False)  # (N, Din): rows 0..N-1 of _key_store
-    radii: torch.Tensor = field(init=False)
+    keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
+    radii: torch.Tensor  # (N,) effective radii
     # Which entries cut each entry's radius: one int32 array per entry, appended to in place by
     # the overlap rule (see `cut_by`). As tuples of Python ints, rebuilt on every add, a batch of
     # 1,000 mutually overlapping facts held ~100,000 pairs at ~40 bytes each and churned them all
     # on each add; as arrays a pair is 4 bytes and an add touches only the entries it cuts.
-    _cuts: list[array[int]] = field(init=False, repr=False)
+    _cuts: list[array[int]]
 
-    def __post_init__(self) -> None:
-        self._refresh()
+    def __init__(self, spec: CodebookSpec, hparams: dict[str, Any] | None = None,
+                 entries: Sequence[Entry] = ()) -> None:
+        self.spec = spec
+        self.hparams = dict(hparams or {})
+        self._refresh(list(entries))
+
+    def __repr__(self) -> str:
+        return f"Codebook({self.spec.model_id!r}, {self.spec.layer!r}, {len(self)} entries)"
 
     @property
     def cut_by(self) -> tuple[tuple[int, ...], ...]:
@@ -95,11 +111,30 @@ class Codebook:
         self._cuts = [array("i", cuts) for cuts in value]
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._records)
 
     @property
     def fact_ids(self) -> list[str]:
-        return [e.fact_id for e in self.entries]
+        return [r.fact_id for r in self._records]
+
+    def fact_id(self, index: int) -> str:
+        return self._records[index].fact_id
+
+    def entry(self, index: int) -> Entry:
+        """Entry `index`; its key and values are views of the codebook's stores."""
+        r = self._records[index]
+        return Entry(r.fact_id, r.answer, r.input_id, self.keys[index].detach(), self.values_of(index),
+                     r.base_radius)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every entry in order (a new list of views on each call: O(N), not for hot paths)."""
+        return [self.entry(i) for i in range(len(self._records))]
+
+    def values_of(self, index: int) -> torch.Tensor:
+        """Entry `index`'s values (L, Dout), a view of the value store."""
+        r = self._records[index]
+        return self._value_store[r.row : r.row + r.length].detach()
 
     @classmethod
     def with_radii(
@@ -115,51 +150,67 @@ class Codebook:
         resolved = torch.tensor([float(r) for r in radii], dtype=torch.float32)  # (N,)
         if resolved.shape != (len(entries),):
             raise IncompatibleCodebookError(f"{resolved.shape[0]} radii for {len(entries)} entries")
-        book = cls(spec, dict(hparams))
-        book.entries = list(entries)
-        book._refresh(resolved)
+        book = cls(spec, hparams)
+        book._refresh(list(entries), resolved)
         return book
 
-    def _refresh(self, radii: torch.Tensor | None = None) -> None:
+    @classmethod
+    def from_stores(cls, spec: CodebookSpec, hparams: dict[str, Any], ids: Sequence[tuple[str, str, str]],
+                    keys: torch.Tensor, values: torch.Tensor, rows: Sequence[tuple[int, int]],
+                    base_radii: Sequence[float], radii: torch.Tensor) -> Codebook:
+        """A codebook over tensors it does not copy: entry i is ids[i] = (fact id, answer, input
+        id), key keys[i], values values[row : row + length] for rows[i] = (row, length), and
+        radii[i] its effective radius, which the caller vouches for (bench/inference_overhead
+        builds 100k-entry codebooks whose entries share one run of value rows)."""
+        if not (len(ids) == len(rows) == len(base_radii) == keys.shape[0] == radii.shape[0]):
+            raise IncompatibleCodebookError("entry counts differ between the arguments")
+        book = cls(spec, hparams)
+        book._records = [
+            _Record(fact_id, answer, input_id, float(base), int(row), int(length))
+            for (fact_id, answer, input_id), (row, length), base in zip(ids, rows, base_radii, strict=True)
+        ]
+        book._key_store, book._value_store = keys, values
+        book._value_rows = max((row + length for row, length in rows), default=0)
+        book.keys, book.radii = keys, radii.to(torch.float32)
+        book._cuts = [array("i") for _ in rows]
+        return book
+
+    def _refresh(self, entries: list[Entry], radii: torch.Tensor | None = None) -> None:
         """Rebuild the stores from `entries`; the radii are replayed by the overlap rule unless given."""
-        if self.entries:
-            self._adopt_stores(torch.stack([e.key for e in self.entries]),  # (N, Din)
-                               torch.cat([e.values for e in self.entries]))  # (sum L, Dout)
+        if entries:
+            self._adopt(entries, torch.stack([e.key for e in entries]),  # (N, Din)
+                        torch.cat([e.values for e in entries]))  # (sum L, Dout)
             if radii is not None:
-                self.radii, self._cuts = radii, [array("i") for _ in self.entries]
+                self.radii, self._cuts = radii, [array("i") for _ in entries]
             else:
-                base = torch.tensor([e.base_radius for e in self.entries], dtype=torch.float32)
-                split = resolve_overlaps(
-                    self.keys, base, [e.answer for e in self.entries], self.spec.distance
-                )
+                base = torch.tensor([e.base_radius for e in entries], dtype=torch.float32)
+                split = resolve_overlaps(self.keys, base, [e.answer for e in entries], self.spec.distance)
                 self.radii, self.cut_by = split.radii, split.cut_by
         else:
-            self._adopt_stores(torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size))
+            self._adopt([], torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size))
             self.radii = torch.zeros(0)
             self._cuts = []
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def _adopt_stores(self, key_store: torch.Tensor, value_store: torch.Tensor) -> None:
-        """Make the two stores the only storage of the entries' tensors; entries view their rows.
+    def _adopt(self, entries: list[Entry], key_store: torch.Tensor, value_store: torch.Tensor) -> None:
+        """Make the two stores, which hold `entries`' tensors in order, the codebook's storage.
 
         key_store (capacity >= N, Din) holds key i in row i; value_store (capacity >= sum L, Dout)
-        holds the entries' values one after another, in entry order. The entries' previous tensors
-        (rows of older stores, or their creators' tensors) are no longer referenced by the codebook
-        and are freed unless someone else holds them.
+        holds the entries' values one after another. The entries' own tensors are not kept.
         """
-        entries, row = [], 0
-        for i, e in enumerate(self.entries):
+        records, row = [], 0
+        for e in entries:
             length = int(e.values.shape[0])
-            entries.append(replace(e, key=_alias(key_store[i]), values=_alias(value_store[row : row + length])))
+            records.append(_Record(e.fact_id, e.answer, e.input_id, float(e.base_radius), row, length))
             row += length
-        self.entries = entries
+        self._records = records
         self._key_store, self._value_store, self._value_rows = key_store, value_store, row
-        self.keys = key_store[: len(entries)]  # (N, Din)
+        self.keys = key_store[: len(records)]  # (N, Din)
 
-    def _append(self, key: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _append(self, key: torch.Tensor, values: torch.Tensor) -> int:
         """Copy key (Din,) and values (L, Dout) into the stores after the last entry, growing a
-        store that is full; return the views of the copied rows."""
-        n, row, length = len(self.entries), self._value_rows, int(values.shape[0])
+        store that is full; return the first value row."""
+        n, row, length = len(self._records), self._value_rows, int(values.shape[0])
         if n + 1 > self._key_store.shape[0] or row + length > self._value_store.shape[0]:
             # Grow by a quarter (at least 16 entries' worth): at most 20% of a store is spare, and
             # the rows copied over a run of appends stay linear in N (a matrix rebuilt per added
@@ -169,12 +220,12 @@ class Codebook:
             values_store = self._value_store.new_empty(max(row + 16 * length, row + row // 4 + length),
                                                        self.spec.output_size)
             values_store[:row] = self._value_store[:row]
-            self._adopt_stores(keys, values_store)
+            self._key_store, self._value_store = keys, values_store
         self._key_store[n] = key
         self._value_store[row : row + length] = values
         self._value_rows = row + length
         self.keys = self._key_store[: n + 1]  # (N + 1, Din)
-        return _alias(self._key_store[n]), _alias(self._value_store[row : row + length])
+        return row
 
     def compact(self) -> None:
         """Give back the stores' spare capacity: afterwards they hold exactly the entries' tensors.
@@ -182,15 +233,16 @@ class Codebook:
         The spare rows make a run of `add` calls cheap; a long-lived holder (a worker between jobs)
         compacts once the run is over, for one copy of the codebook's tensors.
         """
-        n, rows = len(self.entries), self._value_rows
+        n, rows = len(self._records), self._value_rows
         if self._key_store.shape[0] == n and self._value_store.shape[0] == rows:
             return
-        self._adopt_stores(self._key_store[:n].clone(), self._value_store[:rows].clone())
+        self._key_store, self._value_store = self._key_store[:n].clone(), self._value_store[:rows].clone()
+        self.keys = self._key_store
         self._device_cache = {}  # it may hold a view of the old key store
 
     def index_of(self, fact_id: str) -> int:
-        for i, entry in enumerate(self.entries):
-            if entry.fact_id == fact_id:
+        for i, record in enumerate(self._records):
+            if record.fact_id == fact_id:
                 return i
         raise EditorError(f"no entry for fact {fact_id!r} in the codebook")
 
@@ -207,55 +259,57 @@ class Codebook:
             raise IncompatibleCodebookError(
                 f"values of shape {tuple(entry.values.shape)} do not fit layer output size {self.spec.output_size}"
             )
-        superseded = [e.fact_id for e in self.entries if e.input_id == entry.input_id]
-        remaining = [e for e in self.entries if e.input_id != entry.input_id]
-        if any(e.fact_id == entry.fact_id for e in remaining):
+        superseded = [r.fact_id for r in self._records if r.input_id == entry.input_id]
+        if any(r.fact_id == entry.fact_id and r.input_id != entry.input_id for r in self._records):
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         base_radius = float(torch.tensor(entry.base_radius, dtype=torch.float32))
         # The key and values are copied into the codebook's stores (by _refresh or _append): they
         # are often a row or slice of a larger batch tensor, whose storage must not stay alive.
         key = entry.key.detach().float().cpu()  # (Din,)
         values = entry.values.detach().float().cpu()  # (L, Dout)
-        self.entries = remaining
         if superseded:
-            self.entries.append(Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius))
-            self._refresh()
+            remaining = [e for e in self.entries if e.input_id != entry.input_id]
+            self._refresh([*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius)])
         else:  # the common case: only the new entry's arrival needs the overlap rule
-            key, values = self._append(key, values)  # views of the stores
-            self.entries.append(Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius))
+            row = self._append(key, values)
+            self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, row,
+                                         int(values.shape[0])))
             self.radii = torch.cat([self.radii, torch.tensor([base_radius])])  # (N,)
             codes: dict[str, int] = {}
-            code_list = [codes.setdefault(e.answer, len(codes)) for e in self.entries]
+            code_list = [codes.setdefault(r.answer, len(codes)) for r in self._records]
             self._cuts.append(array("i"))
             # arrive() only appends to and extends the per-entry sequences, which arrays support.
-            arrive(self.keys, self.radii, torch.tensor(code_list), len(self.entries) - 1,
+            arrive(self.keys, self.radii, torch.tensor(code_list), len(self._records) - 1,
                    self.spec.distance, cast("list[list[int]]", self._cuts))
             self._device_cache = {}
-        new = len(self.entries) - 1
+        new = len(self._records) - 1
         # An earlier entry cut by the new one got `new` appended last: no scan of every pair.
         touched = set(self._cuts[new]) | {j for j, cuts in enumerate(self._cuts[:new]) if cuts and cuts[-1] == new}
-        return superseded, [self.entries[j].fact_id for j in sorted(touched)]
+        return superseded, [self._records[j].fact_id for j in sorted(touched)]
 
     def remove(self, fact_id: str) -> None:
         """Remove a fact's entry; the radii it cut are restored by replaying the overlap rule."""
         index = self.index_of(fact_id)
-        del self.entries[index]
-        self._refresh()
+        entries = self.entries
+        del entries[index]
+        self._refresh(entries)
 
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each query, the nearest entry whose ball contains it, else -1.
 
         queries (B, Din) -> (entry index (B,) int64, distance to it (B,) float; inf when none).
         Only the B x N distances at key positions are computed, never B x T x N: one matrix
-        product against keys prepared once per device (squared norms, or unit keys for cosine).
+        product against the keys, with their norms prepared once per device.
         """
-        if not self.entries:
+        if not self._records:
             n = queries.shape[0]
             return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("inf"))
         keys, norms, radii = self._on_device(queries.device)
         q = queries.float()  # (B, Din)
         if self.spec.distance == "cosine":
-            dist = (1.0 - torch.nn.functional.normalize(q, dim=-1) @ keys.T).clamp_min_(0.0)  # (B, N)
+            # cos = (q / |q|) . k / |k|: the keys are not normalised into a copy of the key store.
+            cos = (torch.nn.functional.normalize(q, dim=-1) @ keys.T).mul_(norms)  # (B, N)
+            dist = cos.neg_().add_(1.0).clamp_min_(0.0)  # (B, N)
         else:
             squared = torch.addmm(norms.unsqueeze(0), q, keys.T, alpha=-2.0)  # (B, N)
             dist = squared.add_((q * q).sum(dim=1, keepdim=True)).clamp_min_(0.0).sqrt_()  # (B, N)
@@ -265,27 +319,30 @@ class Codebook:
         return best.cpu(), best_dist.cpu()
 
     def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, squared key norms, radii) on `device`; unit keys (and unused norms) for cosine."""
+        """(keys, norms, radii) on `device`: for cosine the norms are the keys' inverse norms
+        (1 / max(|k|, 1e-12), as `normalize` divides), for Euclidean their squared norms. On the
+        CPU `keys` is the key store itself, not a copy."""
         if device not in self._device_cache:
             keys = self.keys.to(device=device, dtype=torch.float32)
             if self.spec.distance == "cosine":
-                keys = torch.nn.functional.normalize(keys, dim=-1)
-            self._device_cache[device] = (keys, (keys * keys).sum(dim=1), self.radii.to(device))
+                norms = keys.norm(dim=1).clamp_min_(1e-12).reciprocal_()  # (N,)
+            else:
+                norms = (keys * keys).sum(dim=1)  # (N,)
+            self._device_cache[device] = (keys, norms, self.radii.to(device))
         return self._device_cache[device]
 
     def copy(self) -> Codebook:
-        return Codebook(self.spec, dict(self.hparams), list(self.entries))
+        return Codebook(self.spec, self.hparams, self.entries)
 
     def to_bytes(self) -> bytes:
         """safetensors bytes; identical codebooks give identical bytes."""
-        n = len(self.entries)
-        lengths = [int(e.values.shape[0]) for e in self.entries]
+        n = len(self._records)
         tensors = {
             "keys": self.keys.contiguous() if n else torch.zeros(0, self.spec.input_size),
-            "values": torch.cat([e.values for e in self.entries]).contiguous()
+            "values": torch.cat([self.values_of(i) for i in range(n)]).contiguous()
             if n else torch.zeros(0, self.spec.output_size),
-            "value_lengths": torch.tensor(lengths, dtype=torch.int64),
-            "base_radii": torch.tensor([e.base_radius for e in self.entries], dtype=torch.float32),
+            "value_lengths": torch.tensor([r.length for r in self._records], dtype=torch.int64),
+            "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
         }
         header = {
             "format": FORMAT_NAME,
@@ -299,7 +356,7 @@ class Codebook:
             },
             "hparams": self.hparams,
             "entries": [
-                {"fact_id": e.fact_id, "answer": e.answer, "input_id": e.input_id} for e in self.entries
+                {"fact_id": r.fact_id, "answer": r.answer, "input_id": r.input_id} for r in self._records
             ],
         }
         return save_safetensors(tensors, metadata={"kb_codebook": json.dumps(header, sort_keys=True)})
@@ -332,12 +389,6 @@ class Codebook:
             for i, r in enumerate(records)
         ]
         return cls(spec, header.get("hparams", {}), entries)
-
-
-def _alias(rows: torch.Tensor) -> torch.Tensor:
-    """The same memory as `rows` without autograd's view record: 200 bytes of bookkeeping per
-    tensor instead of 520, which is 8% of a typical entry's tensors, twice per entry."""
-    return rows.detach()
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -127,7 +127,7 @@ class Editor:
                 fired = int(state.fired[row])
                 result.append(Answer(
                     self.backbone.decode(tokens),
-                    self.codebook.entries[fired].fact_id if fired >= 0 else None,
+                    self.codebook.fact_id(fired) if fired >= 0 else None,
                     float(state.fired_distance[row]) if fired >= 0 else None,
                 ))
         return result

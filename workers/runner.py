@@ -262,7 +262,7 @@ def store_new_entries(session: Any, model: Model, codebook: Any, change: Change)
     checkpoint slower and left a prepared statement as long as the codebook in SQLite's cache.
     """
     applied = set(change.applied) - change.stored
-    candidates = [entry for entry in codebook.entries if entry.fact_id in applied]
+    candidates = [codebook.entry(i) for i, fact_id in enumerate(codebook.fact_ids) if fact_id in applied]
     if not candidates:
         return set()
     existing = {row.fact_id for row in entry_rows_for_existing(session, model, [e.fact_id for e in candidates])}

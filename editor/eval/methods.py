@@ -111,7 +111,7 @@ class CodebookMethod:
         best_distance, best = distance.min(dim=1)  # (B,), (B,)
         return [
             {
-                "nearest": codebook.entries[int(j)].fact_id,
+                "nearest": codebook.fact_id(int(j)),
                 "distance": float(d),
                 "radius": float(codebook.radii[int(j)]),
             }
