@@ -228,3 +228,34 @@ def test_lookup_finds_the_nearest_ball_that_contains_the_query(distance):
         else:
             assert int(found[row]) == -1 and dist[row] == float("inf")
     assert int((found >= 0).sum()) >= 50
+
+
+def test_the_codebook_holds_its_tensors_in_two_stores_and_hands_out_views():
+    generator = torch.Generator().manual_seed(5)
+    spec = CodebookSpec("model-x", "layers.1.fc2", 8, 3, "cosine")
+    book, handed_in = Codebook(spec), []
+    for i in range(40):
+        values = torch.randn(1 + i % 4, 3, generator=generator)
+        handed_in.append(Entry(f"e{i}", f"answer {i}", f"i{i}", torch.randn(8, generator=generator), values, 0.01))
+        book.add(handed_in[-1])
+    book.compact()
+    entries = book.entries
+    # Every key is a row of one key store and every entry's values a run of rows of one value
+    # store; none of them is the tensor that was handed in.
+    assert len({e.key.untyped_storage().data_ptr() for e in entries}) == 1
+    assert len({e.values.untyped_storage().data_ptr() for e in entries}) == 1
+    assert book.keys.untyped_storage().data_ptr() == entries[0].key.untyped_storage().data_ptr()
+    for mine, theirs in zip(entries, handed_in, strict=True):
+        assert mine.values.untyped_storage().data_ptr() != theirs.values.untyped_storage().data_ptr()
+        assert torch.equal(mine.key, theirs.key) and torch.equal(mine.values, theirs.values)
+    assert [book.fact_id(i) for i in range(40)] == book.fact_ids == [f"e{i}" for i in range(40)]
+    assert torch.equal(book.values_of(7), handed_in[7].values)
+    # Compacted: the stores hold exactly the entries' rows.
+    assert book.keys.untyped_storage().nbytes() == 40 * 8 * 4
+    assert entries[0].values.untyped_storage().nbytes() == sum(e.values.numel() for e in handed_in) * 4
+    # Superseding and retracting rebuild the stores; the views follow.
+    book.add(Entry("new", "answer new", "i3", torch.randn(8, generator=generator), torch.ones(2, 3), 0.01))
+    book.remove("e5")
+    assert "e3" not in book.fact_ids and "e5" not in book.fact_ids and book.fact_ids[-1] == "new"
+    assert torch.equal(book.values_of(len(book) - 1), torch.ones(2, 3))
+    assert Codebook.from_bytes(book.to_bytes()).to_bytes() == book.to_bytes()
