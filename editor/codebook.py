@@ -11,7 +11,7 @@ import json
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -86,11 +86,12 @@ class Codebook:
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
     radii: torch.Tensor  # (N,) effective radii
-    # Which entries cut each entry's radius: one int32 array per entry, appended to in place by
-    # the overlap rule (see `cut_by`). As tuples of Python ints, rebuilt on every add, a batch of
-    # 1,000 mutually overlapping facts held ~100,000 pairs at ~40 bytes each and churned them all
-    # on each add; as arrays a pair is 4 bytes and an add touches only the entries it cuts.
-    _cuts: list[array[int]]
+    # Entry i's answer as a small integer (equal answers, equal codes), for the overlap rule; kept
+    # as the entries arrive instead of rebuilt as N Python ints on every add. Which entries cut
+    # which is not kept: `add` reports the new entry's cuts, and a history of every cut grew with
+    # the square of a batch of mutually overlapping facts (~100,000 pairs for 1,000 of them).
+    _codes: array[int]
+    _code_of: dict[str, int]
 
     def __init__(self, spec: CodebookSpec, hparams: dict[str, Any] | None = None,
                  entries: Sequence[Entry] = ()) -> None:
@@ -100,15 +101,6 @@ class Codebook:
 
     def __repr__(self) -> str:
         return f"Codebook({self.spec.model_id!r}, {self.spec.layer!r}, {len(self)} entries)"
-
-    @property
-    def cut_by(self) -> tuple[tuple[int, ...], ...]:
-        """For each entry, the indices of the entries that cut its radius (GRACE's overlap rule)."""
-        return tuple(tuple(cuts) for cuts in self._cuts)
-
-    @cut_by.setter
-    def cut_by(self, value: tuple[tuple[int, ...], ...]) -> None:
-        self._cuts = [array("i", cuts) for cuts in value]
 
     def __len__(self) -> int:
         return len(self._records)
@@ -144,8 +136,7 @@ class Codebook:
         version): the overlap rule is not replayed, so building it is linear in its size.
 
         `radii` must be what the rule gives for `entries` in this order (tests check the daemon's
-        stored radii against the replay). Which entries cut which is not known: `cut_by` starts
-        empty for them; adding an entry records its own cuts, and removing one replays the rule.
+        stored radii against the replay).
         """
         resolved = torch.tensor([float(r) for r in radii], dtype=torch.float32)  # (N,)
         if resolved.shape != (len(entries),):
@@ -172,25 +163,36 @@ class Codebook:
         book._key_store, book._value_store = keys, values
         book._value_rows = max((row + length for row, length in rows), default=0)
         book.keys, book.radii = keys, radii.to(torch.float32)
-        book._cuts = [array("i") for _ in rows]
+        book._index_answers()
         return book
 
-    def _refresh(self, entries: list[Entry], radii: torch.Tensor | None = None) -> None:
-        """Rebuild the stores from `entries`; the radii are replayed by the overlap rule unless given."""
+    def _refresh(self, entries: list[Entry], radii: torch.Tensor | None = None) -> list[int]:
+        """Rebuild the stores from `entries`; the radii are replayed by the overlap rule unless
+        given. Returns, when replayed, the entries whose radius the last entry cut or that cut it."""
+        touched: list[int] = []
         if entries:
             self._adopt(entries, torch.stack([e.key for e in entries]),  # (N, Din)
                         torch.cat([e.values for e in entries]))  # (sum L, Dout)
             if radii is not None:
-                self.radii, self._cuts = radii, [array("i") for _ in entries]
+                self.radii = radii
             else:
                 base = torch.tensor([e.base_radius for e in entries], dtype=torch.float32)
                 split = resolve_overlaps(self.keys, base, [e.answer for e in entries], self.spec.distance)
-                self.radii, self.cut_by = split.radii, split.cut_by
+                self.radii, last = split.radii, len(entries) - 1
+                # The last entry arrived last: it was cut by cut_by[last], and it cut every entry
+                # whose cuts end with it.
+                touched = sorted(set(split.cut_by[last])
+                                 | {j for j, cuts in enumerate(split.cut_by[:last]) if cuts and cuts[-1] == last})
         else:
             self._adopt([], torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size))
             self.radii = torch.zeros(0)
-            self._cuts = []
+        self._index_answers()
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        return touched
+
+    def _index_answers(self) -> None:
+        self._code_of = {}
+        self._codes = array("i", (self._code_of.setdefault(r.answer, len(self._code_of)) for r in self._records))
 
     def _adopt(self, entries: list[Entry], key_store: torch.Tensor, value_store: torch.Tensor) -> None:
         """Make the two stores, which hold `entries`' tensors in order, the codebook's storage.
@@ -269,23 +271,18 @@ class Codebook:
         values = entry.values.detach().float().cpu()  # (L, Dout)
         if superseded:
             remaining = [e for e in self.entries if e.input_id != entry.input_id]
-            self._refresh([*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius)])
+            touched = self._refresh(
+                [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius)])
         else:  # the common case: only the new entry's arrival needs the overlap rule
             row = self._append(key, values)
             self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, row,
                                          int(values.shape[0])))
+            self._codes.append(self._code_of.setdefault(entry.answer, len(self._code_of)))
             self.radii = torch.cat([self.radii, torch.tensor([base_radius])])  # (N,)
-            codes: dict[str, int] = {}
-            code_list = [codes.setdefault(r.answer, len(codes)) for r in self._records]
-            self._cuts.append(array("i"))
-            # arrive() only appends to and extends the per-entry sequences, which arrays support.
-            arrive(self.keys, self.radii, torch.tensor(code_list), len(self._records) - 1,
-                   self.spec.distance, cast("list[list[int]]", self._cuts))
+            codes = torch.frombuffer(self._codes, dtype=torch.int32)  # (N,) a view, used only in here
+            touched = arrive(self.keys, self.radii, codes, len(self._records) - 1, self.spec.distance)
             self._device_cache = {}
-        new = len(self._records) - 1
-        # An earlier entry cut by the new one got `new` appended last: no scan of every pair.
-        touched = set(self._cuts[new]) | {j for j, cuts in enumerate(self._cuts[:new]) if cuts and cuts[-1] == new}
-        return superseded, [self._records[j].fact_id for j in sorted(touched)]
+        return superseded, [self._records[j].fact_id for j in touched]
 
     def remove(self, fact_id: str) -> None:
         """Remove a fact's entry; the radii it cut are restored by replaying the overlap rule."""

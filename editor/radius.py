@@ -153,9 +153,11 @@ def _answer_codes(answers: list[str]) -> torch.Tensor:
     return torch.tensor([index.setdefault(a, len(index)) for a in answers], dtype=torch.long)
 
 
-def pair_distances(keys: torch.Tensor, i: int, others: torch.Tensor, distance: Distance) -> torch.Tensor:
+def pair_distances(keys: torch.Tensor, i: int, others: torch.Tensor | slice, distance: Distance) -> torch.Tensor:
     """Exact distances from keys[i] to keys[others], one row at a time (no batch-dependent
-    rounding: the same pair always gets the same value). -> (len(others),)"""
+    rounding: the same pair always gets the same value). -> (len(others),)
+
+    `others` is indices or a slice (a view of the keys rather than a gathered copy)."""
     key = keys[i].float()
     chosen = keys[others].float()  # (M, D)
     if distance == "cosine":
@@ -172,21 +174,26 @@ def arrive(
     distance: Distance,
     cut_by: list[list[int]] | None = None,
     candidates: torch.Tensor | None = None,
-) -> None:
+) -> list[int]:
     """Apply the overlap rule for entry `i` against entries 0..i-1 (or only `candidates`, sorted
-    ascending, when every other earlier entry is known not to overlap), updating `radii` in place."""
+    ascending, when every other earlier entry is known not to overlap), updating `radii` in place.
+
+    Returns the earlier entries whose radius `i` cut or that cut `i`'s, ascending; `cut_by`, when
+    given, also records them (i appended to each cut entry's list, the others to i's)."""
     others = torch.arange(i) if candidates is None else candidates  # (M,)
-    d = pair_distances(keys, i, others, distance)  # (M,)
+    d = pair_distances(keys, i, slice(0, i) if candidates is None else candidates, distance)  # (M,)
     overlapping = (codes[others] != codes[i]) & (d < radii[others] + radii[i])  # (M,)
     if not bool(overlapping.any()):
-        return
+        return []
     half = d / 2.0  # (M,)
     cut_earlier = overlapping & (radii[others] > half)  # (M,)
     new_radius = float(torch.where(overlapping, half, radii[i].expand_as(half)).min())
+    cut = others[cut_earlier].tolist()
+    cutting = others[overlapping & (half < radii[i])].tolist() if new_radius < float(radii[i]) else []
     if cut_by is not None:
-        for j in others[cut_earlier].tolist():
+        for j in cut:
             cut_by[j].append(i)
-        if new_radius < float(radii[i]):
-            cut_by[i].extend(others[overlapping & (half < radii[i])].tolist())
+        cut_by[i].extend(cutting)
     radii[others] = torch.where(cut_earlier, half, radii[others])
     radii[i] = min(float(radii[i]), new_radius)
+    return sorted(set(cut) | set(cutting))

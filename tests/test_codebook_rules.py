@@ -36,7 +36,9 @@ def test_overlap_with_different_answer_splits_both_to_half_the_distance():
     _, split = book.add(entry("b", 1, 0, 1.0, "dog"))
     assert split == ["a"]
     assert radii(book) == {"a": 0.5, "b": 0.5}
-    assert book.cut_by == ((1,), (0,))
+    from editor.radius import resolve_overlaps
+
+    assert resolve_overlaps(book.keys, torch.ones(2), ["cat", "dog"], "euclidean").cut_by == ((1,), (0,))
 
 
 def test_overlap_with_same_answer_does_not_split_and_both_balls_cover():
@@ -176,14 +178,21 @@ def test_fact_validation():
 
 def test_incremental_arrivals_equal_a_full_replay():
     generator = torch.Generator().manual_seed(3)
-    book = Codebook(SPEC)
+    book, reported = Codebook(SPEC), []
     for i in range(40):
         x, y = (torch.rand(2, generator=generator) * 4).tolist()
-        book.add(entry(f"e{i}", x, y, 0.3 + (i % 5) * 0.2, ["cat", "dog", "cow"][i % 3]))
+        reported.append(book.add(entry(f"e{i}", x, y, 0.3 + (i % 5) * 0.2, ["cat", "dog", "cow"][i % 3]))[1])
     replayed = Codebook(SPEC, {}, list(book.entries))
     assert torch.equal(replayed.radii, book.radii)
-    assert replayed.cut_by == book.cut_by
-    assert float(book.radii.min()) < 0.3  # the sample really exercised the split rule
+    # What each add reported (the entries it cut and those that cut it) is what the full replay
+    # says about that arrival: i cut j when i is in j's cuts; j cut i when j is among i's earlier cuts.
+    from editor.radius import resolve_overlaps
+
+    cut_by = resolve_overlaps(book.keys, torch.tensor([e.base_radius for e in book.entries]),
+                              [e.answer for e in book.entries], "euclidean").cut_by
+    expected = [[f"e{j}" for j in range(i) if i in cut_by[j] or j in cut_by[i]] for i in range(40)]
+    assert reported == expected
+    assert sum(map(len, reported)) > 10 and float(book.radii.min()) < 0.3  # the split rule really ran
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
