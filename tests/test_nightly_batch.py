@@ -66,11 +66,12 @@ def test_a_thousand_fact_nightly_batch_applies_every_fact_once_in_order(batch):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "open: over the batch the worker's RSS grows ~2x the codebook's tensors (1,000 facts: +15.7 MiB "
-    "for +7.7 MiB). 300 facts: the editor alone +3.1 MiB for +2.3 MiB (per-entry objects and "
-    "tensor views); the runner in process +4.2; the Celery worker +5.4. Python's heap grows 0.4 MiB, "
-    "so the rest is native heap kept by glibc; MALLOC_MMAP_THRESHOLD_=131072 gives +3.6 but makes "
-    "edits 60% slower, PYTHONMALLOC=malloc +6.4"))
+    "open: over the batch the worker's RSS grows ~1.7x the codebook's tensors (1,000 facts: +13.1 MiB "
+    "for +7.7 MiB; it was +15.7 before the codebook held offsets instead of per-entry tensor views "
+    "and dropped its normalised key copy). In process at 1,000 facts: glibc heap +9.6 MiB for +8.6 "
+    "MiB in use, Python's allocator +2.6 MiB of pages for 0.5 MiB of live objects (pools left "
+    "partly used by the objects that outlive each fact). Not a warm-up effect: after a 1,000-fact "
+    "warm-up the next 1,000 facts grew +15.3 MiB"))
 def test_worker_memory_grows_no_more_than_the_codebook(batch):
     _home, m = batch
     # The bar: over the batch, the worker's RSS grows by no more than the codebook it holds
