@@ -279,7 +279,8 @@ class Codebook:
                                          int(values.shape[0])))
             self._codes.append(self._code_of.setdefault(entry.answer, len(self._code_of)))
             self.radii = torch.cat([self.radii, torch.tensor([base_radius])])  # (N,)
-            codes = torch.frombuffer(self._codes, dtype=torch.int32)  # (N,) a view, used only in here
+            # A copy (N x 4 bytes): a view would pin the array, which cannot grow while exported.
+            codes = torch.frombuffer(self._codes, dtype=torch.int32).clone()  # (N,)
             touched = arrive(self.keys, self.radii, codes, len(self._records) - 1, self.spec.distance)
             self._device_cache = {}
         return superseded, [self._records[j].fact_id for j in touched]
