@@ -268,3 +268,17 @@ def test_the_codebook_holds_its_tensors_in_two_stores_and_hands_out_views():
     assert "e3" not in book.fact_ids and "e5" not in book.fact_ids and book.fact_ids[-1] == "new"
     assert torch.equal(book.values_of(len(book) - 1), torch.ones(2, 3))
     assert Codebook.from_bytes(book.to_bytes()).to_bytes() == book.to_bytes()
+
+
+def test_ids_are_matched_whole_not_as_substrings():
+    # An input id that is a prefix, suffix or run of others supersedes only itself.
+    book = Codebook(SPEC)
+    for fact_id, input_id, x in [("f1", "i1", 0), ("f11", "i11", 5), ("f2", "1i1", 10), ("f3", "i", 15)]:
+        book.add(entry(fact_id, x, 0, 1.0, "cat", input_id))
+    superseded, _ = book.add(entry("f4", 20, 0, 1.0, "dog", "i1"))
+    assert superseded == ["f1"] and book.fact_ids == ["f11", "f2", "f3", "f4"]
+    assert book.index_of("f2") == 1
+    with pytest.raises(EditorError, match="no entry for fact 'f'"):
+        book.index_of("f")
+    with pytest.raises(EditorError, match="already in the codebook"):
+        book.add(entry("f2", 30, 0, 1.0, "cow", "other"))
