@@ -143,9 +143,10 @@ def codebook_bytes(env: dict[str, str], model_name: str, version: int) -> dict[s
     with db.session() as session:
         codebook = materialise(session, get_model(session, model_name), version)
     keys = codebook.keys.element_size() * codebook.keys.nelement()
-    values = sum(e.values.element_size() * e.values.nelement() for e in codebook.entries)
+    values = sum(codebook.values_of(i).nbytes for i in range(len(codebook)))
     radii = codebook.radii.element_size() * codebook.radii.nelement()
-    return {"entries": len(codebook.entries), "keys": keys, "values": values, "radii": radii,
+    return {"entries": len(codebook), "keys": keys, "values": values, "radii": radii,
+            "tensors": keys + values + radii,
             "fact_ids": codebook.fact_ids}
 
 
@@ -215,8 +216,6 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
     version = int(result["version"])
     sizes = codebook_bytes(env, DEFAULT_MODEL, version)
     warm = codebook_bytes(env, DEFAULT_MODEL, warm_up_version)
-    final_bytes = sizes["keys"] + sizes["values"] + sizes["radii"]
-    warm_bytes = warm["keys"] + warm["values"] + warm["radii"]
     submitted = ingested_fact_ids(env, ingested["job_id"])
     return BatchMeasurement(
         facts=facts, job_status=status, version=version, batch_seconds=round(batch_seconds, 1),
@@ -227,8 +226,8 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
         rss_after_batch_bytes=after["VmRSS"], hwm_after_batch_bytes=after["VmHWM"],
         rss_growth_bytes=after["VmRSS"] - before["VmRSS"],
         rss_growth_since_first_fact_bytes=after["VmRSS"] - first_fact["VmRSS"],
-        codebook_entries=sizes["entries"], codebook_tensor_bytes=final_bytes,
-        codebook_tensor_bytes_after_warm_up=warm_bytes, codebook_growth_bytes=final_bytes - warm_bytes,
+        codebook_entries=sizes["entries"], codebook_tensor_bytes=sizes["tensors"],
+        codebook_tensor_bytes_after_warm_up=warm["tensors"], codebook_growth_bytes=sizes["tensors"] - warm["tensors"],
         codebook_keys_bytes=sizes["keys"], codebook_values_bytes=sizes["values"],
         codebook_radii_bytes=sizes["radii"], warm_up_seconds=round(warm_up_seconds, 1), rss_samples=samples,
         fact_ids_in_version=sizes["fact_ids"], fact_ids_submitted=submitted,

@@ -77,8 +77,8 @@ class Codebook:
     each entry's values are a run of rows of the value store. Per entry the codebook keeps only a
     small record (ids, answer, base radius, the offset and length of its value rows); `entry(i)`
     and `entries` hand out `Entry` objects whose tensors are views of the stores, made on demand.
-    Two tensor views per entry held for good cost ~1 KB of native memory per entry, scattered
-    across the worker's heap among short-lived activations; offsets cost nothing there.
+    (Two views kept per entry, with the normalised key copy the cosine lookup used to keep, made a
+    300-fact batch grow a worker by 5.4 MiB instead of 4.2 for 2.3 MiB of tensors.)
     Appending writes into spare capacity that grows geometrically, so an added entry copies O(1)
     rows on average instead of the whole (N, Din) matrix, and the codebook is two large blocks of
     memory, not two small blocks per entry scattered among a long-lived worker's other allocations.
