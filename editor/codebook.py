@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.numpy import save as _save_numpy
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save as _save_torch
 
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
@@ -357,7 +358,7 @@ class Codebook:
                 {"fact_id": r.fact_id, "answer": r.answer, "input_id": r.input_id} for r in self._records
             ],
         }
-        return save_safetensors(tensors, metadata={"kb_codebook": json.dumps(header, sort_keys=True)})
+        return save_tensors(tensors, metadata={"kb_codebook": json.dumps(header, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Codebook:
@@ -389,6 +390,23 @@ class Codebook:
         return cls(spec, header.get("hparams", {}), entries)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of contiguous CPU tensors: byte for byte what `safetensors.torch.save` writes.
+
+    `safetensors.torch.save` (0.8) reads each tensor through `numpy.ctypeslib.as_array`, which makes
+    a ctypes array type per distinct byte length, and ctypes keeps every such type for the life of
+    the process: 3,000 saves of distinct sizes left RSS 17 MiB higher (about 5.8 KB per size).
+    A codebook has a new size every time it grows, so a process that saves it after each edit
+    would leak at every save. Handing numpy views to `safetensors.numpy.save` makes no types; only
+    dtypes numpy lacks (bfloat16, float8) still go through `safetensors.torch.save`.
+    """
+    try:
+        arrays = {name: tensor.detach().contiguous().numpy() for name, tensor in tensors.items()}
+    except TypeError:  # a dtype numpy does not have, or a tensor off the CPU
+        return _save_torch(tensors, metadata=metadata)
+    return _save_numpy(arrays, metadata=metadata)
+
+
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     """Read the metadata block of safetensors bytes (8-byte little-endian length, then JSON)."""
     if len(data) < 8:
@@ -404,7 +422,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def entry_tensors_to_bytes(entry: Entry) -> bytes:
     """An entry's key and values as safetensors bytes (the daemon stores each entry once)."""
-    return save_safetensors({"key": entry.key.contiguous(), "values": entry.values.contiguous()})
+    return save_tensors({"key": entry.key.contiguous(), "values": entry.values.contiguous()})
 
 
 def entry_from_bytes(

@@ -282,3 +282,37 @@ def test_ids_are_matched_whole_not_as_substrings():
         book.index_of("f")
     with pytest.raises(EditorError, match="already in the codebook"):
         book.add(entry("f2", 30, 0, 1.0, "cow", "other"))
+
+
+def _ctypes_array_types() -> int:
+    import ctypes
+    import gc
+
+    array_type = type(ctypes.c_ubyte * 1)  # the metaclass of every ctypes array type
+    return sum(1 for o in gc.get_objects() if type(o) is array_type)
+
+
+def test_saving_codebooks_of_new_sizes_makes_no_lasting_types():
+    # safetensors.torch.save makes (and ctypes keeps) a ctypes array type per distinct byte length;
+    # a daemon's codebook has a new length at every save.
+    from safetensors.torch import save as torch_save
+
+    from editor.codebook import entry_tensors_to_bytes, save_tensors
+
+    before = _ctypes_array_types()
+    book = Codebook(SPEC)
+    for i in range(40):
+        book.add(entry(f"f{i}", 100 + i, 0, 1.0, f"answer {i}", f"i{i}"))
+        blob = book.to_bytes()
+        entry_tensors_to_bytes(Entry(f"g{i}", "a", "j", torch.zeros(8), torch.zeros(i + 1, 3), 1.0))
+    assert _ctypes_array_types() == before
+    assert Codebook.from_bytes(blob).fact_ids == book.fact_ids
+    # Byte for byte what safetensors.torch.save writes (entry blobs are stored under their sha256).
+    tensors = {"k": torch.randn(3, 8), "n": torch.tensor([1, 2], dtype=torch.int64), "e": torch.zeros(0, 3)}
+    assert save_tensors(tensors, {"m": "x"}) == torch_save(tensors, metadata={"m": "x"})
+    bf16 = {"b": torch.randn(4, dtype=torch.bfloat16)}  # numpy has no bfloat16: the torch path
+    assert save_tensors(bf16) == torch_save(bf16)
+    # The check can fail: the torch path does leave a type per new length.
+    for n in range(1000, 1005):
+        torch_save({"x": torch.zeros(n)})
+    assert _ctypes_array_types() >= before + 5
