@@ -142,9 +142,9 @@ def codebook_bytes(env: dict[str, str], model_name: str, version: int) -> dict[s
     db = Database(Settings.from_env(env))
     with db.session() as session:
         codebook = materialise(session, get_model(session, model_name), version)
-    keys = codebook.keys.element_size() * codebook.keys.nelement()
+    keys = codebook.keys.nbytes
     values = sum(codebook.values_of(i).nbytes for i in range(len(codebook)))
-    radii = codebook.radii.element_size() * codebook.radii.nelement()
+    radii = codebook.radii.nbytes
     return {"entries": len(codebook), "keys": keys, "values": values, "radii": radii,
             "tensors": keys + values + radii,
             "fact_ids": codebook.fact_ids}

@@ -337,9 +337,8 @@ class Codebook:
         """safetensors bytes; identical codebooks give identical bytes."""
         n = len(self._records)
         tensors = {
-            "keys": self.keys.contiguous() if n else torch.zeros(0, self.spec.input_size),
-            "values": torch.cat([self.values_of(i) for i in range(n)]).contiguous()
-            if n else torch.zeros(0, self.spec.output_size),
+            "keys": self.keys if n else torch.zeros(0, self.spec.input_size),
+            "values": torch.cat([self.values_of(i) for i in range(n)]) if n else torch.zeros(0, self.spec.output_size),
             "value_lengths": torch.tensor([r.length for r in self._records], dtype=torch.int64),
             "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
         }
@@ -391,7 +390,7 @@ class Codebook:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """safetensors bytes of contiguous CPU tensors: byte for byte what `safetensors.torch.save` writes.
+    """safetensors bytes of tensors (made contiguous here): byte for byte what `safetensors.torch.save` writes.
 
     `safetensors.torch.save` (0.8) reads each tensor through `numpy.ctypeslib.as_array`, which makes
     a ctypes array type per distinct byte length, and ctypes keeps every such type for the life of
@@ -400,10 +399,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     would leak at every save. Handing numpy views to `safetensors.numpy.save` makes no types; only
     dtypes numpy lacks (bfloat16, float8) still go through `safetensors.torch.save`.
     """
+    dense = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
     try:
-        arrays = {name: tensor.detach().contiguous().numpy() for name, tensor in tensors.items()}
+        arrays = {name: tensor.numpy() for name, tensor in dense.items()}
     except TypeError:  # a dtype numpy does not have, or a tensor off the CPU
-        return _save_torch(tensors, metadata=metadata)
+        return _save_torch(dense, metadata=metadata)
     return _save_numpy(arrays, metadata=metadata)
 
 
@@ -422,7 +422,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def entry_tensors_to_bytes(entry: Entry) -> bytes:
     """An entry's key and values as safetensors bytes (the daemon stores each entry once)."""
-    return save_tensors({"key": entry.key.contiguous(), "values": entry.values.contiguous()})
+    return save_tensors({"key": entry.key, "values": entry.values})
 
 
 def entry_from_bytes(

@@ -312,6 +312,10 @@ def test_saving_codebooks_of_new_sizes_makes_no_lasting_types():
     assert save_tensors(tensors, {"m": "x"}) == torch_save(tensors, metadata={"m": "x"})
     bf16 = {"b": torch.randn(4, dtype=torch.bfloat16)}  # numpy has no bfloat16: the torch path
     assert save_tensors(bf16) == torch_save(bf16)
+    # Both paths take non-contiguous tensors (made contiguous once, before either path).
+    for dtype in (torch.float32, torch.bfloat16):
+        wide = torch.randn(3, 5).to(dtype)
+        assert save_tensors({"t": wide.T}) == torch_save({"t": wide.T.contiguous()})
     # The check can fail: the torch path does leave a type per new length.
     for n in range(1000, 1005):
         torch_save({"x": torch.zeros(n)})
