@@ -239,3 +239,44 @@ def test_repeated_images_are_encoded_once_with_the_same_outputs(vision_family):
     width = together.shape[1]
     for row, single in enumerate(alone):
         assert torch.allclose(together[row, width - single.shape[0]:], single, atol=1e-4)
+
+
+def _heap_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (None off glibc)."""
+    import ctypes
+
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    mallinfo2.restype = Info
+    return int(mallinfo2().uordblks)
+
+
+def _heap_growth(tokenizer, texts) -> int:
+    before = _heap_in_use()
+    for text in texts:
+        tokenizer(text)
+    return _heap_in_use() - before
+
+
+def test_tokenizer_keeps_no_word_of_what_it_splits(family, backbone):
+    """The tokenizers library caches each distinct word it splits (for the demo's byte-level
+    tokenizer, each whole text) for the life of the process; a daemon's texts seldom repeat, so
+    the backbone turns that cache off. Measured as glibc's bytes in use, with a control."""
+    from editor.demo.tokenizer import build_byte_tokenizer
+
+    if _heap_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2 to count the tokenizer's heap bytes")
+    texts = [f"what is the name of the thing number {i} in the image?" for i in range(3000)]
+    tokenizer = backbone.tokenizer
+    _heap_growth(tokenizer, ["warm up: the first calls allocate once"])
+    cached = _heap_growth(build_byte_tokenizer(), texts)  # a tokenizer as the library builds it
+    assert cached > 2_000_000, f"the control kept only {cached} bytes for 3,000 texts"
+    kept = _heap_growth(tokenizer, texts)
+    assert kept < 200_000, f"the backbone's tokenizer kept {kept} bytes for 3,000 distinct texts"
