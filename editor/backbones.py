@@ -113,8 +113,8 @@ def share_repeated_images(vision: nn.Module) -> None:
     vision._kb_shares_images = True  # type: ignore[assignment]
 
 
-def drop_word_cache(tokenizer: Any) -> bool:
-    """Turn off the word cache of a fast tokenizer's BPE or Unigram model; True if it had one.
+def drop_word_cache(tokenizer: Any) -> None:
+    """Turn off the word cache of a fast tokenizer's BPE or Unigram model, if it has one.
 
     The `tokenizers` library keeps the result of every "word" it has split, up to 10,000 of them,
     for the life of the process. What counts as a word depends on the pre-tokenizer: the demo
@@ -128,10 +128,8 @@ def drop_word_cache(tokenizer: Any) -> bool:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     resize = getattr(getattr(backend, "model", None), "_resize_cache", None)
-    if resize is None:  # a slow tokenizer, or a model kind without a cache (WordPiece, WordLevel)
-        return False
-    resize(0)
-    return True
+    if resize is not None:  # None: a slow tokenizer, or a model kind without a cache (WordPiece, WordLevel)
+        resize(0)
 
 
 def _repeat_rows(value: Any, inverse: torch.Tensor, unique_rows: int) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 from tiny_models import FAMILIES, build, image, needs_image
@@ -241,21 +243,20 @@ def test_repeated_images_are_encoded_once_with_the_same_outputs(vision_family):
         assert torch.allclose(together[row, width - single.shape[0]:], single, atol=1e-4)
 
 
-def _heap_in_use() -> int | None:
-    """Bytes glibc's malloc has handed out and not had back (None off glibc)."""
-    import ctypes
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
-    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
-    if mallinfo2 is None:
-        return None
 
-    class Info(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-                     "fordblks", "keepcost")]
+_mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)  # glibc only
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _MallInfo2
 
-    mallinfo2.restype = Info
-    return int(mallinfo2().uordblks)
+
+def _heap_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back."""
+    return int(_mallinfo2().uordblks)
 
 
 def _heap_growth(tokenizer, texts) -> int:
@@ -271,7 +272,7 @@ def test_tokenizer_keeps_no_word_of_what_it_splits(family, backbone):
     the backbone turns that cache off. Measured as glibc's bytes in use, with a control."""
     from editor.demo.tokenizer import build_byte_tokenizer
 
-    if _heap_in_use() is None:
+    if _mallinfo2 is None:
         pytest.skip("needs glibc's mallinfo2 to count the tokenizer's heap bytes")
     texts = [f"what is the name of the thing number {i} in the image?" for i in range(3000)]
     tokenizer = backbone.tokenizer
