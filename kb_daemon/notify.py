@@ -76,9 +76,16 @@ def prepare_broker(settings: Settings, model_names: Iterable[str] = ()) -> None:
     sender = make_sender(settings)
     with sender.connection_for_write() as connection:
         channel = connection.default_channel
-        getattr(channel, "session", None)  # the SQL transport creates its tables on first use
-        for queue in (MAINTENANCE_QUEUE, *(model_queue(name) for name in model_names)):
-            channel.queue_declare(queue=queue)
+        session = getattr(channel, "session", None)  # the SQL transport creates its tables on first use
+        try:
+            for queue in (MAINTENANCE_QUEUE, *(model_queue(name) for name in model_names)):
+                channel.queue_declare(queue=queue)
+        finally:
+            # Declaring a queue that exists leaves the SQL transport's session in a transaction,
+            # holding a pooled connection, and closing the channel does not end it; unclosed, it
+            # stays checked out until garbage collection, maybe after the server has gone.
+            if session is not None:
+                session.close()
     _close_broker_engines()
 
 

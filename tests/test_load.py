@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 
@@ -114,3 +115,28 @@ def test_queues_exist_before_anyone_publishes(tmp_path, tiny_dir):
         names = set(connection.execute(sa.text("SELECT name FROM kombu_queue")).scalars())
     engine.dispose()
     assert {"kb.maintenance", "kb.model.demo", "kb.model.alpha"} <= names
+
+
+@pytest.mark.postgres
+def test_declaring_existing_queues_leaves_no_connection_checked_out(tmp_path, postgres_url):
+    # kombu's SQL transport leaves its session in a transaction after declaring a queue that
+    # exists, and closing the channel does not end it: the connection stayed checked out until the
+    # garbage collector found it (once after the server had stopped: a psycopg traceback at exit).
+    from kb_daemon.config import Settings
+    from kb_daemon.notify import prepare_broker
+
+    url = fresh_postgres_database(postgres_url)
+    settings = Settings.from_env({"KB_HOME": str(tmp_path), "KB_DATABASE_URL": url, "KB_BROKER_URL": "sqla+" + url})
+    gc.disable()  # so that only prepare_broker itself can give the connection back
+    try:
+        prepare_broker(settings, ["alpha"])
+        prepare_broker(settings, ["alpha"])  # every queue exists now
+        engine = sa.create_engine(postgres_url)
+        with engine.connect() as connection:
+            states = connection.execute(sa.text(
+                "SELECT state FROM pg_stat_activity WHERE datname = :name"),
+                {"name": url.rsplit("/", 1)[1]}).scalars().all()
+        engine.dispose()
+    finally:
+        gc.enable()
+    assert states == []
