@@ -66,11 +66,11 @@ def test_a_thousand_fact_nightly_batch_applies_every_fact_once_in_order(batch):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "open: over the batch the worker's RSS grows ~1.4x the codebook's tensors (1,000 facts: +11.0 MiB "
-    "for +7.7 MiB; +13.1 to +14.8 before the tokenizer's word cache was turned off). In process at "
-    "1,000 facts: glibc's bytes in use +7.91 MiB (tensors 7.72), Python's allocator +3 arenas for "
-    "0.45 MiB of live objects (pools left partly used by the per-entry objects that outlive each "
-    "fact); see bench/README section 3"))
+    "open: over the batch the worker's RSS grows ~1.3x the codebook's tensors (1,000 facts: +9.8 to "
+    "+10.5 MiB for +7.7 MiB; +11.0 before the reports were kept as JSON text, +13.1 to +14.8 before the "
+    "tokenizer's word cache was turned off). In process at 600 facts: glibc's bytes in use +4.76 MiB "
+    "(tensors 4.64), Python's allocator +1 arena (pools pinned by the objects that outlive each fact); "
+    "see bench/README section 3"))
 def test_worker_memory_grows_no_more_than_the_codebook(batch):
     _home, m = batch
     # The bar: over the batch, the worker's RSS grows by no more than the codebook it holds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from sqlalchemy import select, update
 
 from editor.errors import EditorError
 from kb_daemon.config import Settings
-from kb_daemon.db import Database, DatabaseUnavailable
+from kb_daemon.db import Database, DatabaseUnavailable, JSONItems
 from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
 from kb_daemon.models import Fact, Job, Model, utcnow
@@ -73,7 +74,7 @@ class Change:
     applied: list[str] = field(default_factory=list)
     superseded: dict[str, str] = field(default_factory=dict)  # old fact id -> new fact id
     retracted: list[str] = field(default_factory=list)
-    reports: list[dict[str, Any]] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)  # each fact's report as compact JSON text
     held: bool = False
     result: dict[str, Any] = field(default_factory=dict)
     # Fact ids of this job's entries known to be in the database already (stored by a checkpoint).
@@ -288,7 +289,7 @@ def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: st
     change.applied.append(fact_id)
     for old in report.superseded:
         change.superseded[old] = fact_id
-    change.reports.append(report.to_dict())
+    change.reports.append(json.dumps(report.to_dict(), separators=(",", ":")))
 
 
 def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:
@@ -335,7 +336,7 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         _update_ledger(session, version, change)
         now = utcnow()
         job.status = "held" if change.held else "done"
-        job.result = {"version": version.number, "reports": change.reports, **change.result}
+        job.result = {"version": version.number, "reports": JSONItems(change.reports), **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
         number = version.number
         _fault_pause_in_commit(session, job_id, number)
