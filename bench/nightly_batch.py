@@ -15,9 +15,17 @@ job, and reports:
 The issue's bar: RSS growth over the batch no more than the codebook's growth over it (its N new
 entries). The growth since the first fact, against the whole codebook, is reported too.
 
+With the default KB_WORKER_RESTART_FACTS (1,000) the worker has applied more facts than that by
+the end of the batch and restarts itself in place (same PID): "after the batch" is then read once
+the restarted process has loaded the model and the new head. One more fact is applied after that
+and the memory read again: the first edit of a process builds state (autograd, the hard-negative
+index) that a freshly loaded worker does not hold yet. `--restart-facts 0` measures the worker
+that keeps running instead.
+
     python bench/nightly_batch.py                 # 1,000 facts -> bench/results/nightly_batch.json
     python bench/nightly_batch.py --quick         # 20 facts    -> bench/results/nightly_batch-quick.json
     python bench/nightly_batch.py --facts 200 --out /tmp/nb.json
+    python bench/nightly_batch.py --restart-facts 0 --out bench/results/nightly_batch-no-restart.json
 """
 
 from __future__ import annotations
@@ -68,6 +76,15 @@ class BatchMeasurement:
     codebook_values_bytes: int
     codebook_radii_bytes: int
     warm_up_seconds: float
+    restart_facts: int  # the worker's KB_WORKER_RESTART_FACTS
+    worker_restarted: bool  # it restarted in place after the batch; "after the batch" is the new process
+    restart_seconds: float | None  # from the batch's commit to the restarted worker's model and head loaded
+    rss_after_next_fact_bytes: int  # after one more fact, applied after the batch (version + 1)
+    rss_growth_after_next_fact_bytes: int  # after that fact - after the warm-up batch
+    codebook_growth_after_next_fact_bytes: int  # the batch's entries and that fact's
+    codebook_records_bytes: int  # the Python objects the codebook keeps per entry (Codebook.memory_bytes)
+    # The codebook's whole growth to that fact: its tensors and its per-entry records.
+    codebook_footprint_growth_after_next_fact_bytes: int
     rss_samples: list[tuple[int, int]]  # (facts done, VmRSS bytes) every few seconds during the batch
     fact_ids_in_version: list[str]
     fact_ids_submitted: list[str]
@@ -115,13 +132,14 @@ def write_source(folder: Path, facts: int, *, skip: int = 0, prefix: str = "nigh
     return rows
 
 
-def warm_up_image(folder: Path) -> Path:
-    """An easy-VQA train image outside the batch's images, for the warm-up fact."""
+def warm_up_image(folder: Path, index: int = 0) -> Path:
+    """An easy-VQA train image outside the batch's images: index 0 for the warm-up fact, 1 for the
+    fact after the batch."""
     from easy_vqa import get_train_image_paths
 
     paths = get_train_image_paths()
-    target = folder / "warm-up.png"
-    target.write_bytes(Path(paths[len(paths) // 2]).read_bytes())
+    target = folder / f"single-{index}.png"
+    target.write_bytes(Path(paths[len(paths) // 2 + index]).read_bytes())
     return target
 
 
@@ -146,12 +164,12 @@ def codebook_bytes(env: dict[str, str], model_name: str, version: int) -> dict[s
     values = sum(codebook.values_of(i).nbytes for i in range(len(codebook)))
     radii = codebook.radii.nbytes
     return {"entries": len(codebook), "keys": keys, "values": values, "radii": radii,
-            "tensors": keys + values + radii,
+            "tensors": keys + values + radii, "records": codebook.memory_bytes()["records"],
             "fact_ids": codebook.fact_ids}
 
 
 def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: float = 3600.0,
-        log=print) -> BatchMeasurement:
+        restart_facts: int | None = None, log=print) -> BatchMeasurement:
     """Build the sources, start a worker, warm it up, ingest, wait; measure. Stops the worker."""
     from kb_daemon.config import DEFAULT_MODEL, Settings
     from kb_daemon.db import Database
@@ -162,6 +180,9 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
            "KB_POLLING_SECONDS": "0.2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
+    if restart_facts is not None:
+        env["KB_WORKER_RESTART_FACTS"] = str(restart_facts)
+    restart_setting = Settings.from_env(env).worker_restart_facts
     source, warm_up_source = home / "nightly", home / "warm-up-batch"
     write_source(source, facts)
     write_source(warm_up_source, warm_up_facts, skip=facts, prefix="warm-up")
@@ -199,8 +220,18 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
         status, result, samples = wait_for_job(db, worker, ingested["job_id"], facts, home, timeout_seconds,
                                                log=progress)
         batch_seconds = time.perf_counter() - started
+        restarted = status == "done" and 0 < restart_setting <= 1 + warm_up_facts + facts
+        restart_seconds = None
+        if restarted:
+            restart_seconds = wait_for_restart(home / "worker.log", worker, int(result["version"]))
+            log(f"the worker restarted in place and loaded version {result['version']} in {restart_seconds:.1f} s")
         time.sleep(SETTLE_SECONDS)
         after = memory_of(worker.pid)
+        next_fact = kbctl(env, "submit-fact", "--image", str(warm_up_image(home, 1)), "--question",
+                          WARM_UP_QUESTION, "--answer", "next shape", "--wait", "--timeout", "900",
+                          "--actor", "bench", "--json")
+        time.sleep(SETTLE_SECONDS)
+        after_next = memory_of(worker.pid)
     finally:
         db.engine.dispose()
         if worker.poll() is None:
@@ -216,6 +247,7 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
     version = int(result["version"])
     sizes = codebook_bytes(env, DEFAULT_MODEL, version)
     warm = codebook_bytes(env, DEFAULT_MODEL, warm_up_version)
+    with_next = codebook_bytes(env, DEFAULT_MODEL, int(next_fact["version"]))
     submitted = ingested_fact_ids(env, ingested["job_id"])
     return BatchMeasurement(
         facts=facts, job_status=status, version=version, batch_seconds=round(batch_seconds, 1),
@@ -229,9 +261,33 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
         codebook_entries=sizes["entries"], codebook_tensor_bytes=sizes["tensors"],
         codebook_tensor_bytes_after_warm_up=warm["tensors"], codebook_growth_bytes=sizes["tensors"] - warm["tensors"],
         codebook_keys_bytes=sizes["keys"], codebook_values_bytes=sizes["values"],
-        codebook_radii_bytes=sizes["radii"], warm_up_seconds=round(warm_up_seconds, 1), rss_samples=samples,
+        codebook_radii_bytes=sizes["radii"], warm_up_seconds=round(warm_up_seconds, 1),
+        restart_facts=restart_setting, worker_restarted=restarted,
+        restart_seconds=None if restart_seconds is None else round(restart_seconds, 1),
+        rss_after_next_fact_bytes=after_next["VmRSS"],
+        rss_growth_after_next_fact_bytes=after_next["VmRSS"] - before["VmRSS"],
+        codebook_growth_after_next_fact_bytes=with_next["tensors"] - warm["tensors"],
+        codebook_records_bytes=sizes["records"],
+        codebook_footprint_growth_after_next_fact_bytes=(with_next["tensors"] + with_next["records"]
+                                                         - warm["tensors"] - warm["records"]),
+        rss_samples=samples,
         fact_ids_in_version=sizes["fact_ids"], fact_ids_submitted=submitted,
     )
+
+
+def wait_for_restart(log_file: Path, worker: subprocess.Popen, version: int, timeout_seconds: float = 300.0) -> float:
+    """Wait until the worker has restarted in place and loaded `version`; return the seconds waited."""
+    started, ready = time.perf_counter(), f"ready at version {version} ("
+    while True:
+        text = log_file.read_text(errors="replace")
+        restart = text.find("restarting in place")
+        if restart >= 0 and text.find(ready, restart) >= 0:
+            return time.perf_counter() - started
+        if worker.poll() is not None:
+            raise RuntimeError(f"the worker exited ({worker.returncode}) instead of restarting; see {log_file}")
+        if time.perf_counter() - started > timeout_seconds:
+            raise RuntimeError(f"the worker did not restart within {timeout_seconds:.0f} s; see {log_file}")
+        time.sleep(0.5)
 
 
 def wait_for_job(db: Any, worker: subprocess.Popen, job_id: int, facts: int, home: Path,
@@ -277,6 +333,8 @@ def main() -> None:
     parser.add_argument("--warm-up-facts", type=int, default=50,
                         help="facts in the warm-up batch before the measured one (0: only one fact)")
     parser.add_argument("--quick", action="store_true", help="20 facts after a 5-fact warm-up (a smoke run)")
+    parser.add_argument("--restart-facts", type=int,
+                        help="the worker's KB_WORKER_RESTART_FACTS (default: the setting's; 0: never restart)")
     parser.add_argument("--home", type=Path, help="data directory (default: a temporary one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -284,7 +342,8 @@ def main() -> None:
     name = "nightly_batch-quick.json" if args.quick else "nightly_batch.json"
     out = args.out or ROOT / "bench" / "results" / name
     with tempfile.TemporaryDirectory(prefix="kb-nightly-") as tmp:
-        m = run(args.home or Path(tmp), facts, warm_up_facts=5 if args.quick else args.warm_up_facts)
+        m = run(args.home or Path(tmp), facts, warm_up_facts=5 if args.quick else args.warm_up_facts,
+                restart_facts=args.restart_facts)
     report = {k: v for k, v in asdict(m).items() if not k.startswith("fact_ids")}
     report.update({
         "benchmark": "nightly_batch", "model": "demo",

@@ -8,6 +8,7 @@ per entry (fact id, normalised answer, input fingerprint, base radius).
 from __future__ import annotations
 
 import json
+import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -329,6 +330,30 @@ class Codebook:
                 norms = (keys * keys).sum(dim=1)  # (N,)
             self._device_cache[device] = (keys, norms, self.radii.to(device))
         return self._device_cache[device]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What the codebook holds, in bytes: `tensors`, its keys, value rows and radii (not the
+        stores' spare capacity), and `records`, the Python objects it keeps per entry (records,
+        their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them."""
+        tensors = (self.keys.nbytes + self._value_rows * self._value_store.shape[1] * self._value_store.element_size()
+                   + self.radii.nbytes)
+        seen: set[int] = set()
+        pending: list[Any] = [self._records, self._codes, self._code_of]
+        records = 0
+        while pending:
+            item = pending.pop()
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            records += sys.getsizeof(item)
+            if isinstance(item, list):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                pending.extend(item.keys())
+                pending.extend(item.values())
+            elif isinstance(item, _Record):
+                pending.extend(getattr(item, name) for name in _Record.__slots__)
+        return {"tensors": tensors, "records": records}
 
     def copy(self) -> Codebook:
         return Codebook(self.spec, self.hparams, self.entries)

@@ -749,7 +749,26 @@ def start_worker(state: State, beat: bool, loglevel: str) -> None:
         schedule = state.settings.home / "celerybeat-schedule"
         state.settings.home.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={schedule}"]
-    app.worker_main(argv)
+    from workers.tasks import RuntimeTask
+
+    RuntimeTask.can_restart = True
+    try:
+        app.worker_main(argv)
+    finally:
+        if RuntimeTask.restart_requested and not RuntimeTask.stop_signalled:
+            restart_in_place(RuntimeTask)
+
+
+def restart_in_place(task: Any) -> None:
+    """Replace this process by a fresh run of its own command line (same PID, environment, output
+    and process group; Python's file descriptors are not inherited): after its warm shutdown the
+    worker starts again, empty of what its edits left in the allocators, and reloads the model."""
+    if task._db is not None:
+        task._db.dispose()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 @cli.command()
@@ -757,6 +776,11 @@ def start_worker(state: State, beat: bool, loglevel: str) -> None:
 @pass_state
 def worker(state: State, loglevel: str) -> None:
     """Run the worker of --model in the foreground (solo pool: one process, model loaded once).
+
+    The worker loads the model and its head codebook when it starts. Once it has applied
+    KB_WORKER_RESTART_FACTS facts (default 1000; 0: never) it restarts itself in place after the
+    job that reached the count: same PID and command line, a fresh process without the memory
+    its edits left behind in the allocators.
 
     Example:
 

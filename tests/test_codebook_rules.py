@@ -320,3 +320,24 @@ def test_saving_codebooks_of_new_sizes_makes_no_lasting_types():
     for n in range(1000, 1005):
         torch_save({"x": torch.zeros(n)})
     assert _ctypes_array_types() >= before + 5
+
+
+def test_memory_bytes_counts_the_rows_in_use_and_every_record_once():
+    book = Codebook(SPEC)
+    assert book.memory_bytes()["tensors"] == 0
+    for i in range(5):
+        book.add(entry(f"f{i}", 10.0 * i, 0, 1.0, "cat"))
+    sizes = book.memory_bytes()
+    # Keys (5 x 2) + values (5 x 2 x 3) + radii (5) float32, not the stores' spare rows.
+    assert sizes["tensors"] == (5 * 2 + 5 * 2 * 3 + 5) * 4
+    assert book._key_store.shape[0] > 5  # spare capacity exists and is not counted
+    # A long answer and a long id are counted once each, however many records hold them.
+    long_answer, long_id = "a" * 10_000, "f" * 20_000
+    book.add(entry(long_id, 100.0, 0, 1.0, long_answer))
+    grown = book.memory_bytes()["records"] - sizes["records"]
+    assert 30_000 < grown < 31_000
+    book.add(entry("g", 200.0, 0, 1.0, long_answer))
+    again = book.memory_bytes()["records"] - sizes["records"] - grown
+    assert 0 < again < 1_000
+    book.compact()
+    assert book.memory_bytes()["tensors"] == (7 * 2 + 7 * 2 * 3 + 7) * 4

@@ -341,7 +341,8 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         number = version.number
         _fault_pause_in_commit(session, job_id, number)
     runtime.version = None if change.held else number
-    return {"job_id": job_id, "status": "held" if change.held else "done", "version": number}
+    return {"job_id": job_id, "status": "held" if change.held else "done", "version": number,
+            "edits": len(change.reports)}
 
 
 def _fault_pause_in_commit(session: Any, job_id: int, number: int) -> None:
