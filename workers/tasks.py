@@ -137,9 +137,8 @@ def preload(model_name: str) -> None:
             runtime.check_spec(session, model)  # what the first job would do: record or check it
             runtime.use_version(session, model, head)
         entries = len(runtime.editor.codebook)
+        release_free_memory(task.db)
     except Exception as exc:  # noqa: BLE001 - logged; the job that needs the model reports it
         logger.warning("model %s not preloaded: %s", model_name, exc)
         return
-    finally:
-        release_free_memory(task.db)
     logger.info("model %s ready at version %d (%d entries)", model_name, head, entries)
