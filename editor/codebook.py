@@ -335,8 +335,7 @@ class Codebook:
         """What the codebook holds, in bytes: `tensors`, its keys, value rows and radii (not the
         stores' spare capacity), and `records`, the Python objects it keeps per entry (records,
         their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them."""
-        tensors = (self.keys.nbytes + self._value_rows * self._value_store.shape[1] * self._value_store.element_size()
-                   + self.radii.nbytes)
+        tensors = self.keys.nbytes + self._value_store[: self._value_rows].nbytes + self.radii.nbytes
         seen: set[int] = set()
         pending: list[Any] = [self._records, self._codes, self._code_of]
         records = 0

@@ -217,12 +217,10 @@ def test_worker_restarts_in_place_after_the_fact_count(daemon, assets):
     first_members = group_members(worker.pid)
     assert len(first_members) == 2, first_members  # the worker and its embedded beat
 
-    fact_ids = []
     for number, (name, answer) in enumerate((("red", "oblong box"), ("green", "ring")), 1):
         result = d.kbctl("submit-fact", "--image", str(assets / f"{name}.png"), "--question", Q, "--answer",
                          answer, "--wait", "--timeout", "120", "--json")
         assert result["version"] == number
-        fact_ids.append(result["fact_id"])
     # The second fact reached KB_WORKER_RESTART_FACTS=2: the same process runs its command line
     # again and preloads the head it left.
     d.wait_for(lambda: "model tiny ready at version 2 (2 entries)" in d.logs(), what="the restarted worker")

@@ -128,13 +128,15 @@ def preload(model_name: str) -> None:
     raised: the first job reports it as a failed job, as it would without the preload."""
     task = process_model
     try:
+        # As a job does (workers.runner._run_one): the model loaded outside any transaction, then
+        # its spec recorded or checked and the head read and loaded in one.
         with task.db.session() as session:
             model = get_model(session, model_name)
-            head = model.head_version
         runtime = task.runtime_for(model)
         with task.db.session() as session:
             model = get_model(session, model_name)
-            runtime.check_spec(session, model)  # what the first job would do: record or check it
+            runtime.check_spec(session, model)
+            head = model.head_version
             runtime.use_version(session, model, head)
         entries = len(runtime.editor.codebook)
         release_free_memory(task.db)
