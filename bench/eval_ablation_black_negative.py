@@ -8,7 +8,7 @@ the unedited model answers it differently from the fact's own input.
 
 This script patches `Editor._negative_queries` (in this process only) and compares both rules:
 
-    python bench/eval_ablation_black_negative.py --cases out/eval/dev/cases.jsonl [--model demo] \
+    python bench/eval_ablation_black_negative.py --cases bench/dev/cases.jsonl [--model demo] \
         [--hparam alpha=0.4 ...] [--sequential]
 """
 

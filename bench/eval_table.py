@@ -1,13 +1,14 @@
 """The full evaluation table: every method in both modes on one case file, the model loaded once.
 
     python bench/eval_table.py --cases bench/dev/cases.jsonl --out bench/results/eval \
-        [--methods balancedit,grace,ft,mend,ike] [--modes independent,sequential] \
-        [--hparam balancedit:alpha=0.1 ...] [--limit N] [--model demo]
+        [--raw-out bench/out/eval] [--methods balancedit,grace,ft,mend,ike] \
+        [--modes independent,sequential] [--hparam balancedit:alpha=0.1 ...] [--limit N] [--model demo]
 
-Writes one JSON report and one PNG curve per run (`<method>-<mode>.json|png`), `table.md` and
-`table.txt` into --out,
-and prints the table. Each method leaves the backbone as it found it (tests check this), so the
-runs share one loaded model.
+Writes the summary, `table.md` and `table.txt`, into --out, and one JSON report with every case's
+probes and one PNG curve per run (`<method>-<mode>.json|png`) into --raw-out (default
+`bench/out/<name of --out>`, ignored by git: the scripts regenerate it), and prints the table.
+Each method leaves the backbone as it found it (tests check this), so the runs share one loaded
+model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from editor.backbones import load_backbone
 from editor.eval.hparams import METHODS, parse_hparams
 from editor.eval.runner import run_eval
 from editor.eval.table import COLUMNS, format_table
+
+RAW_ROOT = Path(__file__).resolve().parent / "out"  # per-run reports: regenerated, never committed
 
 
 def markdown(reports: list[dict]) -> str:
@@ -45,7 +48,9 @@ def markdown(reports: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for table.md and table.txt")
+    parser.add_argument("--raw-out", type=Path,
+                        help="folder for the per-run reports and curves (default: bench/out/<name of --out>)")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--modes", default="independent,sequential")
@@ -57,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.hparam:
         method, _, pair = item.partition(":")
         per_method.setdefault(method, []).append(pair)
+    raw_out = args.raw_out or RAW_ROOT / args.out.name
     args.out.mkdir(parents=True, exist_ok=True)
+    raw_out.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone(args.model)
     reports = []
     started = time.perf_counter()
@@ -71,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                 backbone,
                 hparams=parse_hparams(per_method.get(method, [])),
                 limit=args.limit,
-                json_path=args.out / f"{method}-{mode}.json",
-                plot_path=args.out / f"{method}-{mode}.png",
+                json_path=raw_out / f"{method}-{mode}.json",
+                plot_path=raw_out / f"{method}-{mode}.png",
                 progress=lambda message: print(message, file=sys.stderr, flush=True),
             )
             report["model"] = args.model
-            (args.out / f"{method}-{mode}.json").write_text(json.dumps(report, indent=1) + "\n")
+            (raw_out / f"{method}-{mode}.json").write_text(json.dumps(report, indent=1) + "\n")
             reports.append(report)
             (args.out / "table.txt").write_text(format_table(reports) + "\n")
             (args.out / "table.md").write_text(markdown(reports) + "\n")

@@ -12,7 +12,7 @@ job, and reports:
   first fact, after the warm-up batch and after the batch, and the growth;
 - the size in bytes of the codebook's tensors (keys + values + radii) after the warm-up and at the end.
 
-The issue's bar: RSS growth over the batch no more than the codebook's growth over it (its N new
+The target: RSS growth over the batch no more than the codebook's growth over it (its N new
 entries). The growth since the first fact, against the whole codebook, is reported too.
 
 With the default KB_WORKER_RESTART_FACTS (1,000) the worker has applied more facts than that by
@@ -23,9 +23,12 @@ index) that a freshly loaded worker does not hold yet. `--restart-facts 0` measu
 that keeps running instead.
 
     python bench/nightly_batch.py                 # 1,000 facts -> bench/results/nightly_batch.json
-    python bench/nightly_batch.py --quick         # 20 facts    -> bench/results/nightly_batch-quick.json
+    python bench/nightly_batch.py --quick         # 20 facts    -> bench/out/nightly_batch-quick.json
     python bench/nightly_batch.py --facts 200 --out /tmp/nb.json
-    python bench/nightly_batch.py --restart-facts 0 --out bench/results/nightly_batch-no-restart.json
+    python bench/nightly_batch.py --restart-facts 0 --out bench/out/nightly_batch-no-restart.json
+
+`bench/results/` holds only the summaries the READMEs quote; other runs go to `bench/out/`, which
+git ignores.
 """
 
 from __future__ import annotations
@@ -339,8 +342,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     facts = 20 if args.quick else args.facts
-    name = "nightly_batch-quick.json" if args.quick else "nightly_batch.json"
-    out = args.out or ROOT / "bench" / "results" / name
+    default = ROOT / "bench" / "out" / "nightly_batch-quick.json" if args.quick else (
+        ROOT / "bench" / "results" / "nightly_batch.json")
+    out = args.out or default
     with tempfile.TemporaryDirectory(prefix="kb-nightly-") as tmp:
         m = run(args.home or Path(tmp), facts, warm_up_facts=5 if args.quick else args.warm_up_facts,
                 restart_facts=args.restart_facts)

@@ -3,7 +3,7 @@
 Runs the real snapshot code (content-addressed entry blobs, spans, versions) against a real
 database with entries shaped like the demo model's edited layer (Din = MLP width, Dout = hidden,
 3-12 answer steps). The values are random: storage does not depend on how they were trained.
-By default every change is an edit (the issue's "1,000 sequential edits"); `--churn` makes 5% of
+By default every change is an edit (1,000 sequential edits); `--churn` makes 5% of
 the changes retracts and 5% rollbacks to one of the last five versions.
 
     python bench/storage.py --edits 1000 --out bench/results/storage.json
