@@ -36,7 +36,10 @@ class SourceFact:
 
 
 def normalise(text: str) -> str:
-    return " ".join(text.casefold().split())
+    """The editor's form under which two answers (or questions) count as the same."""
+    from editor.fact import normalise_answer
+
+    return normalise_answer(text)
 
 
 def source_files(source: Path) -> list[Path]:

@@ -1,0 +1,546 @@
+"""The use cases of kb-daemon, one method each, shared by every front door (`kbctl`, HTTP).
+
+A method takes plain arguments (names, numbers, bytes already read, the acting user), owns its
+unit of work (one transaction, committed before any worker is signalled) and returns a small
+dataclass whose `as_dict()` is the JSON both front doors print. Nothing here formats text for a
+terminal or reads a request; no query lives outside this module and the data modules
+(`queue`, `snapshots`, `ingest`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kb_daemon.config import DEFAULT_MODEL, Settings, redact
+from kb_daemon.db import Database
+from kb_daemon.errors import InvalidInput, KbError
+from kb_daemon.models import Fact, Job, Model, Version, as_utc, utcnow
+from kb_daemon.queue import FactInput
+
+DEMO_REFERENCE_POOL = "easy-vqa"
+ProgressCallback = Callable[[int, int], None]  # (done, total) of a running job
+
+
+# ----- results ----------------------------------------------------------------------------------
+class Result:
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class InitResult(Result):
+    home: str
+    database: str
+    demo_registered: bool
+
+
+@dataclass(frozen=True)
+class SchemaUpgrade(Result):
+    before: str | None
+    after: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": self.before, "to": self.after}
+
+
+@dataclass(frozen=True)
+class ModelInfo(Result):
+    name: str
+    path: str
+    layer: str | None
+    hparams: dict[str, Any]
+    reference_pool: str | None
+    canary: str | None
+    canary_max_changed: float
+    ingest_source: str | None
+    head_version: int
+    broker_warning: str | None = None
+
+    @classmethod
+    def of(cls, row: Model, broker_warning: str | None = None) -> ModelInfo:
+        return cls(row.name, row.path, row.layer, dict(row.hparams), row.reference_pool, row.canary_path,
+                   row.canary_max_changed, row.ingest_source, row.head_version, broker_warning)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["broker_warning"]
+        return data
+
+
+@dataclass(frozen=True)
+class Queued(Result):
+    """A job was queued (and its worker signalled); `outcome` is set when the caller waited."""
+
+    job_id: int
+    fact_id: str | None = None
+    rollback_to: int | None = None
+    outcome: JobOutcome | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.fact_id is not None:
+            data["fact_id"] = self.fact_id
+        if self.rollback_to is not None:
+            data["rollback_to"] = self.rollback_to
+        data["job_id"] = self.job_id
+        if self.outcome is not None:
+            data.update(self.outcome.as_dict())
+        return data
+
+
+@dataclass(frozen=True)
+class JobOutcome(Result):
+    """How a waited-for job ended: done or held (a failure raises)."""
+
+    status: str
+    version: int | None
+    canaries: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"version": self.version, "status": self.status}
+        if self.status == "held":
+            data["canaries"] = self.canaries
+        return data
+
+
+@dataclass(frozen=True)
+class IngestResult(Result):
+    model: str
+    job_id: int | None
+    new: int
+    changed: int
+    unchanged: int
+    retract: int
+    outcome: JobOutcome | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "outcome"}
+        if self.outcome is not None:
+            data.update(self.outcome.as_dict())
+        return data
+
+
+@dataclass(frozen=True)
+class Promoted(Result):
+    version: int
+    head: int
+
+
+@dataclass(frozen=True)
+class JobInfo(Result):
+    id: int
+    seq: int
+    kind: str
+    status: str
+    payload: dict[str, Any]
+    attempts: int
+    error: str | None
+    actor: str
+    source: str
+    created_at: datetime
+    finished_at: datetime | None
+    progress: tuple[int, int]
+    version: int | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobInfo:
+        return cls(job.id, job.seq, job.kind, job.status, job.payload, job.attempts, job.error, job.actor,
+                   job.source, job.created_at, job.finished_at, (job.progress_done, job.progress_total),
+                   (job.result or {}).get("version"))
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["progress"] = list(self.progress)
+        return data
+
+
+@dataclass(frozen=True)
+class ModelStatus(Result):
+    model: str
+    head_version: int
+    queue_depth: int
+    running_job: int | None
+    running_seconds: float | None
+    last_worker: str | None
+    last_worker_seen_seconds_ago: float | None
+
+
+@dataclass(frozen=True)
+class VersionInfo(Result):
+    version: int
+    parent: int | None
+    kind: str
+    entries: int
+    added: list[str]
+    removed: list[str]
+    held: bool
+    actor: str
+    source: str
+    created_at: datetime
+    content_sha256: str
+
+    @classmethod
+    def of(cls, row: Version) -> VersionInfo:
+        return cls(row.number, row.parent, row.kind, row.num_entries, list(row.summary.get("added", [])),
+                   list(row.summary.get("removed", [])), row.held, row.actor, row.source, row.created_at,
+                   row.content_sha256)
+
+
+@dataclass(frozen=True)
+class FactSummary(Result):
+    fact_id: str
+    question: str
+    answer: str
+    base_radius: float | None = None
+
+
+@dataclass(frozen=True)
+class VersionDetail(Result):
+    info: VersionInfo
+    facts: list[FactSummary]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.info.as_dict(), "facts": [f.as_dict() for f in self.facts]}
+
+
+@dataclass(frozen=True)
+class RadiusChange(Result):
+    fact_id: str
+    before: float
+    after: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fact_id": self.fact_id, "from": self.before, "to": self.after}
+
+
+@dataclass(frozen=True)
+class VersionDiff(Result):
+    first: int
+    second: int
+    added: list[str]
+    removed: list[str]
+    radii_changed: list[RadiusChange]
+
+    @property
+    def identical(self) -> bool:
+        return not (self.added or self.removed or self.radii_changed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"from": self.first, "to": self.second, "added": self.added, "removed": self.removed,
+                "radii_changed": [c.as_dict() for c in self.radii_changed]}
+
+
+@dataclass(frozen=True)
+class ExportBundle:
+    """A version's codebook bytes (safetensors) and the metadata that goes beside them."""
+
+    version: int
+    codebook: bytes
+    metadata: dict[str, Any]
+
+    @property
+    def entries(self) -> int:
+        return len(self.metadata["facts"])
+
+
+@dataclass(frozen=True)
+class Answer(Result):
+    answer: str
+    version: int
+    fact_id: str | None
+
+
+# ----- the service --------------------------------------------------------------------------------
+@dataclass
+class Service:
+    """The use cases over one deployment's database and broker (settings)."""
+
+    settings: Settings
+    _db: Database | None = field(default=None, repr=False)
+    _schema_checked: bool = field(default=False, repr=False)
+
+    @property
+    def db(self) -> Database:
+        """The database, without checking its schema (set-up and maintenance use this)."""
+        if self._db is None:
+            self._db = Database(self.settings)
+        return self._db
+
+    def checked_db(self) -> Database:
+        """The database after refusing a schema this code does not expect ("run kbctl db upgrade")."""
+        if not self._schema_checked:
+            self.db.check_schema()
+            self._schema_checked = True
+        return self.db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+
+    # ----- set-up -----------------------------------------------------------------------------
+    def init(self, actor: str) -> InitResult:
+        """Create the schema, the broker's tables and the demo model's registration. Idempotent."""
+        from kb_daemon.notify import prepare_broker
+        from kb_daemon.queue import register_model
+
+        self.db.upgrade()
+        prepare_broker(self.settings, [DEFAULT_MODEL])
+        with self.db.session() as session:
+            exists = _find_model(session, DEFAULT_MODEL) is not None
+            if not exists:
+                register_model(session, DEFAULT_MODEL, "demo", reference_pool=DEMO_REFERENCE_POOL,
+                               actor=actor, source="init")
+        self._schema_checked = True
+        return InitResult(str(self.settings.home), redact(self.settings.database_url), not exists)
+
+    def upgrade_schema(self) -> SchemaUpgrade:
+        before = self.db.current_revision()
+        self.db.upgrade()
+        return SchemaUpgrade(before, self.db.current_revision())
+
+    def add_model(self, name: str, path: str, *, actor: str, layer: str | None = None,
+                  hparams: dict[str, Any] | None = None, reference_pool: str | None = None,
+                  canary: str | None = None, canary_max_changed: float = 0.0,
+                  ingest_source: str | None = None) -> ModelInfo:
+        """Register a model; paths are stored as given (the CLI resolves them against its cwd)."""
+        from kb_daemon.notify import prepare_broker
+        from kb_daemon.queue import register_model
+
+        with self.checked_db().session() as session:
+            row = register_model(session, name, path, layer=layer, hparams=hparams or {},
+                                 reference_pool=reference_pool, canary_path=canary,
+                                 canary_max_changed=canary_max_changed, ingest_source=ingest_source,
+                                 actor=actor)
+            info = ModelInfo.of(row)
+        try:  # the model's queue exists before anyone publishes to it (see prepare_broker)
+            prepare_broker(self.settings, [name])
+        except Exception as exc:  # noqa: BLE001  (the worker declares it again when it starts)
+            info = replace(info, broker_warning=f"could not declare the queue of {name} on the broker "
+                                           f"{redact(self.settings.broker_url)} ({type(exc).__name__}); "
+                                           "its worker declares it on start")
+        return info
+
+    def list_models(self) -> list[ModelInfo]:
+        with self.checked_db().session() as session:
+            return [ModelInfo.of(m) for m in session.execute(select(Model).order_by(Model.name)).scalars()]
+
+    # ----- changes ----------------------------------------------------------------------------
+    def submit_fact(self, model: str, fact: FactInput, *, actor: str, source: str = "cli") -> Queued:
+        """Record a fact (validated here, before anything is written) and queue its edit."""
+        from kb_daemon.queue import submit_fact
+
+        fact = fact.cleaned()
+        with self.checked_db().session() as session:
+            row, job = submit_fact(session, _model(session, model), fact, actor=actor, source=source)
+            queued = Queued(job.id, fact_id=row.id)
+        self._signal(model)
+        return queued
+
+    def retract(self, model: str, fact_id: str, *, actor: str, source: str = "cli") -> Queued:
+        from kb_daemon.queue import enqueue, get_fact
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            fact = get_fact(session, row, fact_id)
+            if fact.status != "applied":
+                raise InvalidInput(f"fact {fact_id} is {fact.status}, not applied; nothing to retract")
+            job = enqueue(session, row, "retract", {"fact_id": fact_id}, actor=actor, source=source)
+            queued = Queued(job.id, fact_id=fact_id)
+        self._signal(model)
+        return queued
+
+    def rollback(self, model: str, version: int, *, actor: str, source: str = "rollback") -> Queued:
+        """Queue a new head whose content equals `version` (history is kept)."""
+        from kb_daemon.queue import enqueue
+        from kb_daemon.snapshots import get_version
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            get_version(session, row, version)
+            job = enqueue(session, row, "rollback", {"version": version}, actor=actor, source=source)
+            queued = Queued(job.id, rollback_to=version)
+        self._signal(model)
+        return queued
+
+    def promote(self, model: str, version: int, *, actor: str) -> Promoted:
+        """Make a held batch version the head despite its broken canaries."""
+        from kb_daemon.queue import lock_model
+        from kb_daemon.snapshots import promote_version
+
+        with self.checked_db().session() as session:
+            row = lock_model(session, _model(session, model).id)
+            promote_version(session, row, version, actor)
+        return Promoted(version, version)
+
+    def ingest(self, model: str, source: str | Path, *, sync: bool, actor: str, origin: str = "cli") -> IngestResult:
+        """Validate the whole source, compare it with the ledger and queue one batch (or nothing)."""
+        from kb_daemon.ingest import ingest_source
+
+        data = ingest_source(self.checked_db(), self.settings, model, source, sync=sync, actor=actor, origin=origin)
+        result = IngestResult(**data)
+        if result.job_id is not None:
+            self._signal(model)
+        return result
+
+    def wait(self, job_id: int, timeout_seconds: float, progress: ProgressCallback | None = None,
+             poll_seconds: float = 0.2) -> JobOutcome:
+        """Poll a job until it is done or held; a failed job or the timeout raises `KbError`."""
+        from kb_daemon.queue import get_job
+
+        db = self.checked_db()
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            with db.session() as session:
+                job = get_job(session, job_id)
+                status, result, error = job.status, job.result or {}, job.error
+                done, total = job.progress_done, job.progress_total
+            if progress is not None and total:
+                progress(done, total)
+            if status in ("done", "held"):
+                return JobOutcome(status, result.get("version"), result.get("canaries"))
+            if status == "failed":
+                raise KbError(f"job {job_id} failed: {error}")
+            if time.monotonic() > deadline:
+                raise KbError(f"timed out after {timeout_seconds:.0f} s waiting for job {job_id} ({status}); "
+                              "is a worker running? start one with `kbctl up` or `kbctl worker`")
+            time.sleep(poll_seconds)
+
+    def _signal(self, model: str) -> None:
+        """Wake the model's worker; called only after the job's transaction committed."""
+        from kb_daemon.notify import signal_model
+
+        signal_model(self.settings, model)
+
+    # ----- inspection -------------------------------------------------------------------------
+    def jobs(self, model: str, limit: int = 20) -> list[JobInfo]:
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            return [JobInfo.of(j) for j in session.execute(
+                select(Job).where(Job.model_id == row.id).order_by(Job.seq.desc()).limit(limit)).scalars()]
+
+    def status(self, model: str) -> ModelStatus:
+        from kb_daemon.queue import queue_depth
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            running = session.execute(select(Job).where(Job.model_id == row.id, Job.status == "running")
+                                      .order_by(Job.seq).limit(1)).scalar_one_or_none()
+            now = utcnow()
+            return ModelStatus(
+                row.name, row.head_version, queue_depth(session, row),
+                running.id if running else None,
+                _seconds_since(now, running.started_at) if running else None,
+                row.last_worker, _seconds_since(now, row.last_worker_seen_at),
+            )
+
+    def history(self, model: str, limit: int = 50) -> tuple[int, list[VersionInfo]]:
+        """(head version, the newest `limit` versions, newest first)."""
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            versions = [VersionInfo.of(v) for v in session.execute(
+                select(Version).where(Version.model_id == row.id).order_by(Version.number.desc()).limit(limit)
+            ).scalars()]
+            return row.head_version, versions
+
+    def show(self, model: str, version: int) -> VersionDetail:
+        from kb_daemon.snapshots import entries_at, get_version
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            info = VersionInfo.of(get_version(session, row, version))
+            entries = entries_at(session, row, version)
+            facts = _facts_by_id(session, [e.fact_id for e in entries])
+            return VersionDetail(info, [FactSummary(e.fact_id, facts[e.fact_id].question, facts[e.fact_id].answer,
+                                                    e.base_radius) for e in entries])
+
+    def diff(self, model: str, first: int, second: int) -> VersionDiff:
+        from kb_daemon.snapshots import materialise
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            a, b = materialise(session, row, first), materialise(session, row, second)
+        radii_a = dict(zip(a.fact_ids, a.radii.tolist(), strict=True))
+        radii_b = dict(zip(b.fact_ids, b.radii.tolist(), strict=True))
+        return VersionDiff(
+            first, second,
+            added=[f for f in radii_b if f not in radii_a],
+            removed=[f for f in radii_a if f not in radii_b],
+            radii_changed=[RadiusChange(f, radii_a[f], radii_b[f])
+                           for f in radii_b if f in radii_a and radii_a[f] != radii_b[f]],
+        )
+
+    def export(self, model: str, version: int) -> ExportBundle:
+        """A version's codebook (loadable by `editor` anywhere) and its metadata."""
+        from kb_daemon.snapshots import get_version, materialise
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            meta = VersionInfo.of(get_version(session, row, version)).as_dict()
+            codebook = materialise(session, row, version)
+            facts = _facts_by_id(session, list(codebook.fact_ids))
+            meta.update({"model": row.name, "model_path": row.path, "layer": row.layer, "spec": row.spec,
+                         "hparams": row.hparams,
+                         "facts": [{"fact_id": f, "question": facts[f].question, "answer": facts[f].answer}
+                                   for f in codebook.fact_ids]})
+        return ExportBundle(version, codebook.to_bytes(), meta)
+
+    def ask(self, model: str, image: bytes | None, question: str, version: int | None = None) -> Answer:
+        """Answer with the edited model at `version` (default: the head), loaded in this process."""
+        from kb_daemon.queue import MAX_QUESTION_CHARS, clean_text
+        from kb_daemon.runtime import ModelRuntime, open_image
+        from kb_daemon.snapshots import get_version
+
+        question = clean_text(question, "question", MAX_QUESTION_CHARS)
+        db = self.checked_db()
+        with db.session() as session:
+            row = _model(session, model)
+            number = row.head_version if version is None else get_version(session, row, version).number
+        runtime = ModelRuntime(row)
+        with db.session() as session:
+            row = _model(session, model)
+            runtime.check_spec(session, row)
+            runtime.use_version(session, row, number)
+        answer = runtime.editor.answers([(open_image(image), question)])[0]
+        return Answer(answer.text, number, answer.fact_id)
+
+
+def parse_hparams(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["alpha=0.1"]` -> {"alpha": 0.1}: JSON values where they parse, else strings. Checked (unknown
+    keys, bad values) and pinned when the model is registered."""
+    from editor.eval.hparams import parse_hparams as parse
+
+    return parse(list(pairs))
+
+
+# ----- helpers over one session ---------------------------------------------------------------------
+def _find_model(session: Session, name: str) -> Model | None:
+    return session.execute(select(Model).where(Model.name == name)).scalar_one_or_none()
+
+
+def _model(session: Session, name: str) -> Model:
+    from kb_daemon.queue import get_model
+
+    return get_model(session, name)
+
+
+def _facts_by_id(session: Session, fact_ids: Sequence[str]) -> dict[str, Fact]:
+    """The ledger rows of `fact_ids` in one query per 500 ids."""
+    found: dict[str, Fact] = {}
+    ids = list(dict.fromkeys(fact_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        found.update((f.id, f) for f in session.execute(select(Fact).where(Fact.id.in_(chunk))).scalars())
+    return found
+
+
+def _seconds_since(now: datetime, then: datetime | None) -> float | None:
+    moment = as_utc(then)
+    return round((now - moment).total_seconds(), 1) if moment is not None else None
