@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from click.testing import CliRunner
+from waiting import wait_until
 
 from kb_daemon.cli import cli
 
@@ -42,6 +43,7 @@ class Daemon:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.commands: dict[int, str] = {}  # pid -> the kbctl command that process runs
 
     def kbctl(self, *args: str, expect: int = 0) -> Any:
         """Run kbctl in process; parse --json output when asked for."""
@@ -51,6 +53,11 @@ class Daemon:
             return json.loads(result.stdout)
         return result
 
+    def kbctl_process(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run kbctl as its own process (for commands that replace their process, like `worker`)."""
+        return subprocess.run([*KBCTL, *args], env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=timeout)
+
     def start_worker(self, command: str = "up") -> subprocess.Popen[bytes]:
         # Daemons that share a home (two models) must not write into each other's log files.
         index = len(list(self.home.glob("worker-*.log")))
@@ -58,9 +65,12 @@ class Daemon:
         process = subprocess.Popen([*KBCTL, command], env={**os.environ, **self.env}, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(process)
+        self.commands[process.pid] = command
         return process
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> list[tuple[str, int]]:
+        """SIGTERM every process started here (SIGKILL after 20 s); return (command, exit code) of
+        each, in start order. A process killed by a signal has a negative exit code."""
         for process in self.workers:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -70,7 +80,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        codes = [(self.commands.pop(p.pid, "?"), p.returncode) for p in self.workers]
         self.workers.clear()
+        return codes
 
     def kill9(self, process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
@@ -84,15 +96,31 @@ class Daemon:
         return "\n".join(texts)
 
     def wait_for(self, predicate: Any, timeout: float = 90.0, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        states = ", ".join(f"pid {p.pid}: {'running' if p.poll() is None else f'exited {p.returncode}'}"
-                           for p in self.workers)
-        raise AssertionError(f"timed out waiting for {what} (workers: {states or 'none'})\n{self.logs(tail=3000)}")
+        """wait_until(predicate), failing with the workers' states and the tail of their logs."""
+        def describe() -> str:
+            states = ", ".join(f"pid {p.pid}: {'running' if p.poll() is None else f'exited {p.returncode}'}"
+                               for p in self.workers)
+            return f"(workers: {states or 'none'})\n{self.logs(tail=3000)}"
+
+        return wait_until(predicate, timeout, what, describe)
+
+
+def job_rows(d: Daemon) -> list[dict]:
+    """The jobs of `d`'s model, oldest first, read from its database."""
+    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(
+            "SELECT j.seq, j.status, j.attempts, j.result, j.started_at, j.finished_at, j.lease_owner, "
+            "j.progress_done "
+            "FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = :name ORDER BY j.seq"),
+            {"name": d.model}).mappings().all()
+    engine.dispose()
+    return [dict(r) for r in rows]
+
+
+def version_numbers(d: Daemon) -> list[int]:
+    """Every version number of `d`'s model, as `kbctl history` lists them, ascending."""
+    return sorted(v["version"] for v in d.kbctl("history", "--limit", "1000", "--json"))
 
 
 def fresh_postgres_database(server_url: str) -> str:

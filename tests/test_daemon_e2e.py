@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -228,12 +227,15 @@ def test_worker_restarts_in_place_after_the_fact_count(daemon, assets):
     assert logs.count("2 facts applied since this worker started (KB_WORKER_RESTART_FACTS=2): restarting in place") == 1
     assert logs.count("model tiny ready at version") == 2
     assert worker.poll() is None  # same PID, still running
-    time.sleep(1.0)
-    members = group_members(worker.pid)
-    assert worker.pid in {pid for pid, _ in members}
+    old_beat = {pid for pid, _ in first_members} - {worker.pid}
+
+    def worker_and_a_new_beat() -> list[tuple[int, str]] | None:
+        members = group_members(worker.pid)
+        pids = {pid for pid, _ in members}
+        return members if worker.pid in pids and len(members) == 2 and not pids & old_beat else None
+
     # One embedded beat, a new one: the old beat stopped with the old worker.
-    assert len(members) == 2, members
-    assert {pid for pid, _ in members} - {worker.pid} != {pid for pid, _ in first_members} - {worker.pid}
+    d.wait_for(worker_and_a_new_beat, timeout=30, what="the old beat gone and one new beat beside the worker")
 
     # The restarted worker applies the next fact, from the head the old one stored.
     third = d.kbctl("submit-fact", "--image", str(assets / "blue.png"), "--question", Q, "--answer", "cube",

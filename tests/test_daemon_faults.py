@@ -6,7 +6,7 @@ import json
 
 import pytest
 import sqlalchemy as sa
-from daemon_harness import Daemon
+from daemon_harness import Daemon, job_rows, version_numbers
 from tiny_models import image, save
 
 Q = "what shape is it?"
@@ -21,25 +21,9 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
-def job_rows(d: Daemon) -> list[dict]:
-    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
-    with engine.connect() as connection:
-        rows = connection.execute(sa.text(
-            "SELECT j.seq, j.status, j.attempts, j.result, j.started_at, j.finished_at, j.lease_owner, "
-            "j.progress_done "
-            "FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = :name ORDER BY j.seq"),
-            {"name": d.model}).mappings().all()
-    engine.dispose()
-    return [dict(r) for r in rows]
-
-
 def as_dict(value: object) -> dict:
     """JSON columns come back as text from SQLite through a raw query, as dicts from PostgreSQL."""
     return value if isinstance(value, dict) else json.loads(str(value))
-
-
-def version_numbers(d: Daemon) -> list[int]:
-    return sorted(v["version"] for v in d.kbctl("history", "--limit", "1000", "--json"))
 
 
 @pytest.mark.slow

@@ -7,8 +7,7 @@ import sqlite3
 import time
 
 import pytest
-from daemon_harness import Daemon, fresh_postgres_database
-from test_daemon_faults import job_rows, version_numbers
+from daemon_harness import Daemon, fresh_postgres_database, job_rows, version_numbers
 from tiny_models import image, save
 
 Q = "what shape is it?"

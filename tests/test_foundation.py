@@ -1,33 +1,13 @@
-"""Project-level guarantees: import direction, the CLI boundary, the PostgreSQL test server."""
+"""Project-level guarantees: the CLI boundary, the PostgreSQL test server, the schema revision.
+
+The import direction has its own file, tests/test_import_direction.py."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
 
 from kb_daemon.cli import cli
-
-
-def modules_after_import(statement: str) -> set[str]:
-    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return set(out.split())
-
-
-def test_editor_imports_no_service_code():
-    loaded = modules_after_import("import editor; editor.Editor; editor.load_backbone")
-    assert "torch" in loaded
-    for forbidden in ("kb_daemon", "workers", "celery", "sqlalchemy", "alembic", "click", "easy_vqa"):
-        assert forbidden not in loaded, forbidden
-
-
-def test_kb_daemon_cli_imports_no_model_code():
-    loaded = modules_after_import("import kb_daemon.cli")
-    for forbidden in ("torch", "transformers", "editor", "workers"):
-        assert forbidden not in loaded, forbidden
 
 
 def all_commands(group=cli, prefix=()):

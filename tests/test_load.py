@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 import sqlalchemy as sa
-from daemon_harness import KBCTL, Daemon, fresh_postgres_database
-from test_daemon_faults import job_rows
+from daemon_harness import KBCTL, Daemon, fresh_postgres_database, job_rows
 from tiny_models import image, save
 
 Q = "what shape is it?"

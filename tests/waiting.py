@@ -1,0 +1,44 @@
+"""Waiting on a condition instead of sleeping a fixed time: fast when the condition comes early,
+a clear failure naming what never came when it does not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+POLL_SECONDS = 0.1
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str,
+               describe: Callable[[], str] | None = None) -> T:
+    """Call `predicate` every POLL_SECONDS until it returns a true value, and return that value.
+
+    After `timeout` seconds raise AssertionError("timed out after ...s waiting for <what>"), with
+    `describe()` appended (e.g. the tail of a worker's log) where given.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            detail = f"\n{describe()}" if describe is not None else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
+        time.sleep(POLL_SECONDS)
+
+
+def stays_true(predicate: Callable[[], object], seconds: float, what: str) -> None:
+    """Check `predicate` every POLL_SECONDS for `seconds`; fail at the first false value.
+
+    For claims that something does *not* happen (no file appears, no process is added): the claim
+    is checked for the whole window, not once at its end.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        assert predicate(), f"no longer true: {what}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(POLL_SECONDS)
