@@ -411,14 +411,24 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
     result = state.service.ingest(state.model, source, sync=sync, actor=actor_of(actor))
     if result.job_id is not None and wait:
         result = replace(result, outcome=wait_for_job(state, result.job_id, timeout, as_json))
-    text = (f"{result.new} new, {result.changed} changed, {result.unchanged} unchanged, "
-            f"{result.retract} to retract; " + (f"batch job {result.job_id}" if result.job_id else "nothing to do"))
+    text = (f"{result.new} new, {result.changed} changed, "
+            + (f"{result.retried} failed before and queued again, " if result.retried else "")
+            + f"{result.unchanged} unchanged, "
+            + (f"{len(result.skipped)} skipped (removed by a retract or rollback), " if result.skipped else "")
+            + f"{result.retract} to retract" + (f" from {result.source}" if sync else "") + "; "
+            + (f"batch job {result.job_id}" if result.job_id else "nothing to do"))
     outcome = result.outcome
     if outcome is not None and outcome.status == "held":
         text += f"; version {outcome.version} HELD: canaries changed ({(outcome.canaries or {}).get('changed')})"
     elif outcome is not None:
         text += f"; version {outcome.version}"
-    emit(as_json, result.as_dict(), text)
+
+    def lines() -> None:
+        click.echo(text)
+        for item in result.skipped:
+            click.echo(f"  skipped {item['where']}: fact {item['fact_id']} {item['reason']}")
+
+    emit(as_json, result.as_dict(), lines)
 
 
 # ----- inspection -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
 
 from kb_daemon.config import Settings
@@ -25,7 +26,58 @@ from kb_daemon.models import Fact
 from kb_daemon.queue import FactInput, enqueue, get_model, read_image, record_fact
 
 SOURCE_SUFFIXES = (".jsonl", ".csv")
-ACTIVE = ("applied", "held", "pending")
+ACTIVE = ("applied", "held", "pending")  # a fact that is, or is about to be, in the knowledge
+REMOVED = ("retracted", "rolled_back")  # taken out on purpose: an unchanged line does not bring it back
+CSV_LIST_COLUMNS = ("rephrases", "negative_images", "negative_questions")
+EDIT_CASE_KEYS = frozenset({"id", "scope", "fact", "reliability", "t_gen", "i_gen", "loc", "meta", "key"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SourceNegative(_Strict):
+    image: str | None = None
+    question: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_one(self) -> SourceNegative:
+        if not (self.image or self.question):
+            raise ValueError("a negative needs an 'image' or a 'question'")
+        return self
+
+
+class SourceLine(_Strict):
+    """One fact of a source: the edit-case fact fields plus the flat negative lists of CSV files."""
+
+    image: str | None = None
+    question: str
+    answer: str
+    rephrases: list[str] = Field(default_factory=list)
+    negatives: list[SourceNegative] = Field(default_factory=list)
+    negative_images: list[str] = Field(default_factory=list)
+    negative_questions: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def parse(cls, fields: dict[str, Any]) -> SourceLine:
+        """Validate one line; the first problem becomes one `InvalidInput` line naming the field."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "line"
+            if error["type"] == "extra_forbidden":
+                known = ", ".join(cls.model_fields) if len(error["loc"]) == 1 else "image, question"
+                raise InvalidInput(f"unknown field {where!r} (known: {known})") from None
+            if error["type"] == "missing":
+                raise InvalidInput(f"missing field {where!r}") from None
+            message = error["msg"].removeprefix("Value error, ")
+            raise InvalidInput(f"field {where!r}: {message} (got {_shown(error.get('input'))})") from None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -56,17 +108,21 @@ def source_files(source: Path) -> list[Path]:
 
 
 def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a JSON Lines or CSV file; CSV list columns are split on `|`."""
+    data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of a column name
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        line = data[: exc.start].count(b"\n") + 1
         raise InvalidInput(f"{path}:{line}: not valid UTF-8") from exc
     records = []
     if path.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         for number, row in enumerate(reader, 2):
-            record: dict[str, Any] = {k: v for k, v in row.items() if k and v not in (None, "")}
-            for name in ("rephrases", "negative_images", "negative_questions"):
+            if None in row:
+                raise InvalidInput(f"{path}:{number}: more values than the header has columns")
+            record: dict[str, Any] = {k.strip(): v for k, v in row.items() if k and v not in (None, "")}
+            for name in CSV_LIST_COLUMNS:
                 if name in record:
                     record[name] = [part.strip() for part in record[name].split("|") if part.strip()]
             records.append((number, record))
@@ -108,10 +164,10 @@ def parse_source(source: Path, settings: Settings) -> list[SourceFact]:
         for number, record in _records(path):
             where = f"{path}:{number}"
             try:
-                fact = _fact_from_record(record, root, settings)
+                given_key, fact = _fact_from_record(record, root, settings)
             except InvalidInput as exc:
                 raise InvalidInput(f"{where}: {exc}") from exc
-            key = str(record.get("key") or "auto:" + hashlib.sha256(
+            key = given_key or ("auto:" + hashlib.sha256(
                 (fact.image or b"") + b"\x00" + normalise(fact.question).encode()).hexdigest()[:24])
             if key in seen:
                 raise InvalidInput(f"{where}: duplicate key {key!r} (first at {seen[key]})")
@@ -121,60 +177,84 @@ def parse_source(source: Path, settings: Settings) -> list[SourceFact]:
     return facts
 
 
-def _fact_from_record(record: dict[str, Any], root: Path, settings: Settings) -> FactInput:
-    fact = record.get("fact", record)  # an edit-case line carries the fields under "fact"
-    for name in ("question", "answer"):
-        if not isinstance(fact.get(name), str):
-            raise InvalidInput(f"missing or non-text field {name!r}")
-    image = read_image(fact["image"], settings, root=root) if fact.get("image") else None
-    rephrases = fact.get("rephrases") or []
-    if not isinstance(rephrases, list) or not all(isinstance(q, str) for q in rephrases):
-        raise InvalidInput("'rephrases' must be a list of strings")
-    negative_images: list[bytes] = [read_image(p, settings, root=root) for p in fact.get("negative_images", [])]
-    negative_questions: list[str] = list(fact.get("negative_questions", []))
-    for negative in fact.get("negatives") or []:
-        if not isinstance(negative, dict) or not (negative.get("image") or negative.get("question")):
-            raise InvalidInput("each negative needs an 'image' or a 'question'")
-        if negative.get("image"):
-            negative_images.append(read_image(negative["image"], settings, root=root))
-        elif negative.get("question"):
-            negative_questions.append(str(negative["question"]))
-    return FactInput(image, fact["question"], fact["answer"], tuple(rephrases), tuple(negative_images),
+def _fact_from_record(record: dict[str, Any], root: Path, settings: Settings) -> tuple[str | None, FactInput]:
+    """(the line's key, its fact) after checking the line against `SourceLine`."""
+    if "fact" in record:  # an edit-case line: the fact's fields under "fact", the probes beside it
+        unknown = sorted(set(record) - EDIT_CASE_KEYS)
+        if unknown:
+            raise InvalidInput(f"unknown field {unknown[0]!r} in an edit-case line "
+                               f"(known: {', '.join(sorted(EDIT_CASE_KEYS))})")
+        fields, key = record["fact"], record.get("key")
+        if not isinstance(fields, dict):
+            raise InvalidInput("'fact' must be an object")
+    else:
+        fields, key = {k: v for k, v in record.items() if k != "key"}, record.get("key")
+    if key is not None and not isinstance(key, str | int):
+        raise InvalidInput("'key' must be a string")
+    line = SourceLine.parse(fields)
+    image = read_image(line.image, settings, root=root) if line.image else None
+    negative_images = [read_image(p, settings, root=root) for p in line.negative_images]
+    negative_questions = list(line.negative_questions)
+    for negative in line.negatives:
+        if negative.image:
+            negative_images.append(read_image(negative.image, settings, root=root))
+        else:
+            negative_questions.append(str(negative.question))
+    fact = FactInput(image, line.question, line.answer, tuple(line.rephrases), tuple(negative_images),
                      tuple(negative_questions)).cleaned()
+    return (str(key) if key not in (None, "") else None), fact
 
 
 def ingest_source(db: Database, settings: Settings, model_name: str, source: str | Path, *, sync: bool,
                   actor: str, origin: str = "cli") -> dict[str, Any]:
-    """Compare the source with the ledger and enqueue one batch (or nothing when nothing changed)."""
+    """Compare the source with the ledger and enqueue one batch (or nothing when nothing changed).
+
+    Per key, a line is compared with the fact that is in the knowledge (applied, held or pending):
+    same answer, unchanged; another answer, a new fact that supersedes it. With none in the
+    knowledge: a fact that failed is queued again, a fact that a retract or rollback removed is
+    skipped unless the line's answer changed, and an unknown key is new. `sync` retracts the
+    applied facts that came from this same source and are no longer in it.
+    """
     path = Path(source).expanduser().resolve()
     parsed = parse_source(path, settings)
     label = f"ingest:{path}"
     with db.session() as session:
         model = get_model(session, model_name)
-        ledger: dict[str, Fact] = {}
+        active: dict[str, Fact] = {}
+        latest: dict[str, Fact] = {}
         for fact in session.execute(
-            select(Fact).where(Fact.model_id == model.id, Fact.key.is_not(None), Fact.status.in_(ACTIVE))
-            .order_by(Fact.submitted_at)
+            select(Fact).where(Fact.model_id == model.id, Fact.key.is_not(None)).order_by(Fact.submitted_at)
         ).scalars():
-            ledger[fact.key] = fact  # the latest active fact per key
-        new, changed, unchanged = [], [], 0
+            latest[fact.key] = fact
+            if fact.status in ACTIVE:
+                active[fact.key] = fact
+        new, changed, retried, unchanged = [], [], [], 0
+        skipped: list[dict[str, Any]] = []
         for item in parsed:
-            known = ledger.get(item.key)
-            if known is None:
-                new.append(item)
-            elif normalise(known.answer) != normalise(item.fact.answer):
-                changed.append(item)
+            known, last = active.get(item.key), latest.get(item.key)
+            same_answer = last is not None and normalise(last.answer) == normalise(item.fact.answer)
+            if known is not None:
+                if normalise(known.answer) == normalise(item.fact.answer):
+                    unchanged += 1
+                else:
+                    changed.append(item)
+            elif last is not None and last.status in REMOVED and same_answer:
+                skipped.append({"key": item.key, "fact_id": last.id, "where": item.where,
+                                "reason": f"{last.status.replace('_', ' ')} at version {last.left_version}; "
+                                          "change the line to apply it again"})
+            elif last is not None and last.status == "failed":
+                retried.append(item)
             else:
-                unchanged += 1
+                new.append(item)
         keys = {item.key for item in parsed}
-        retract = [f.id for k, f in ledger.items()
-                   if sync and k not in keys and f.status == "applied" and f.source.startswith("ingest:")]
+        retract = [f.id for k, f in active.items()
+                   if sync and k not in keys and f.status == "applied" and f.source == label]
         fact_ids = [record_fact(session, model, item.fact, actor=actor, source=label).id
-                    for item in new + changed]
+                    for item in new + changed + retried]
         job_id = None
         if fact_ids or retract:
             job = enqueue(session, model, "batch", {"facts": fact_ids, "retract": retract, "source": str(path)},
                           actor=actor, source=f"{origin}:{path}")
             job_id = job.id
-    return {"model": model_name, "job_id": job_id, "new": len(new), "changed": len(changed),
-            "unchanged": unchanged, "retract": len(retract)}
+    return {"model": model_name, "source": str(path), "job_id": job_id, "new": len(new), "changed": len(changed),
+            "retried": len(retried), "unchanged": unchanged, "retract": len(retract), "skipped": skipped}

@@ -114,11 +114,14 @@ class JobOutcome(Result):
 @dataclass(frozen=True)
 class IngestResult(Result):
     model: str
+    source: str
     job_id: int | None
     new: int
     changed: int
+    retried: int  # facts whose earlier job failed, queued again
     unchanged: int
-    retract: int
+    retract: int  # with --sync: applied facts of this same source that are no longer in it
+    skipped: list[dict[str, Any]]  # unchanged lines of facts a retract or rollback removed
     outcome: JobOutcome | None = None
 
     def as_dict(self) -> dict[str, Any]:
