@@ -102,11 +102,11 @@ def test_worker_refuses_a_database_without_the_current_schema(tmp_path, assets):
     command.downgrade(db.alembic_config(), "0001")
     db.dispose()
     assert SCHEMA_REVISION != "0001"
-    for command in ("worker", "beat", "up"):
-        result = d.kbctl_process(command)
+    for daemon_command in ("worker", "beat", "up"):
+        result = d.kbctl_process(daemon_command)
         assert (result.returncode, result.stderr) == (1, (
             f"Error: database schema is at revision 0001, this code needs {SCHEMA_REVISION}; "
-            "run `kbctl db upgrade`\n")), (command, result)
+            "run `kbctl db upgrade`\n")), (daemon_command, result)
     assert d.kbctl("status", expect=1).stderr == result.stderr
     d.kbctl("db", "upgrade")
     assert d.kbctl("--model", "demo", "status", "--json")["head_version"] == 0
