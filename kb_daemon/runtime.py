@@ -8,13 +8,20 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from kb_daemon.config import Settings
 from kb_daemon.models import Fact, Model
-from kb_daemon.snapshots import get_blob, materialise, set_spec
+from kb_daemon.queue import get_model
+from kb_daemon.snapshots import get_blob, get_version, materialise, set_spec
+
+if TYPE_CHECKING:
+    from kb_daemon.db import Database
 
 logger = logging.getLogger(__name__)
 EASY_VQA_POOL_SIZE = 120
@@ -59,11 +66,11 @@ def open_image(data: bytes | None) -> Any:
 class ModelRuntime:
     """One model loaded once per process; the codebook follows the version asked for."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, settings: Settings | None = None) -> None:
+        """Load `model`'s weights on `settings.device` (default: the settings of the environment)."""
         import editor
-        from kb_daemon.config import Settings
 
-        settings = Settings.from_env()
+        settings = settings or Settings.from_env()
         self.name = model.name
         backbone = editor.load_backbone(model.path, edit_layer=model.layer, device=settings.device,
                                         dtype=settings.dtype)
@@ -78,6 +85,7 @@ class ModelRuntime:
 
     def use_version(self, session: Session, model: Model, number: int) -> None:
         if self.version != number:
+            self.version = None  # unknown until the new codebook is in: a failed load reloads next time
             self.editor.load_codebook(materialise(session, model, number))
             self.version = number
 
@@ -98,3 +106,43 @@ class ModelRuntime:
                 negatives.append(editor.Negative(question=negative["question"]))
         return editor.Fact(image, fact.question, fact.answer, rephrases=tuple(fact.rephrases),
                            negatives=tuple(negatives), fact_id=fact.id)
+
+
+RuntimeFor = Callable[[Model], ModelRuntime]
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A runtime ready for one unit of work, and what was read while it was made ready."""
+
+    runtime: ModelRuntime
+    model: Model  # its row as read in the loading transaction (detached)
+    head: int  # the model's head version in that transaction
+    version: int  # the version asked for (the head when none was); loaded unless load_codebook=False
+
+
+def load_model(db: Database, model_name: str, version: int | None = None, *,
+               runtime_for: RuntimeFor | None = None, load_codebook: bool = True) -> Loaded:
+    """Make a model ready to answer or edit at `version` (default: the head).
+
+    The weights load outside any transaction (seconds to minutes; on SQLite a transaction holds
+    the write lock). Then one transaction checks or records the codebook spec, reads the head and
+    loads the version's codebook, so the spec, the head and the codebook agree. `runtime_for`
+    returns a runtime kept by the caller (a worker loads each model once); by default a fresh one
+    is made. `load_codebook=False` leaves the runtime's codebook as it is: a rollback job must run
+    even when the head's codebook cannot be read. An unknown model or version raises NotFound
+    before anything is loaded.
+    """
+    with db.session() as session:
+        model = get_model(session, model_name)
+        if version is not None:
+            get_version(session, model, version)
+    runtime = runtime_for(model) if runtime_for is not None else ModelRuntime(model, db.settings)
+    with db.session() as session:
+        model = get_model(session, model_name)
+        runtime.check_spec(session, model)
+        head = model.head_version
+        number = head if version is None else version
+        if load_codebook:
+            runtime.use_version(session, model, number)
+    return Loaded(runtime, model, head, number)

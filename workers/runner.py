@@ -29,7 +29,7 @@ from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
 from kb_daemon.models import Fact, Job, Model, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
-from kb_daemon.runtime import ModelRuntime, open_image
+from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
 from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
 
 logger = logging.getLogger(__name__)
@@ -81,9 +81,6 @@ class Change:
     stored: set[str] = field(default_factory=set)
 
 
-RuntimeFor = Callable[[Model], ModelRuntime]
-
-
 def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: str,
                 settings: Settings) -> list[dict[str, Any]]:
     """Apply the model's queued jobs in order until none is left; return one outcome per job."""
@@ -94,13 +91,12 @@ def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: 
             job = claim_next_job(session, model, worker, settings.lease_seconds)
             if job is None:
                 return outcomes
-            job_id, kind = job.id, job.kind
-        logger.info("job %d (%s) of %s claimed by %s", job_id, kind, model_name, worker)
+        logger.info("job %d (%s) of %s claimed by %s", job.id, job.kind, model_name, worker)
         started = time.perf_counter()
-        with Heartbeat(db, job_id, worker, settings):
-            outcome = _run_one(db, runtime_for, model_name, job_id, worker, settings)
+        with Heartbeat(db, job.id, worker, settings):
+            outcome = _run_one(db, runtime_for, model_name, job, worker, settings)
         outcome["seconds"] = round(time.perf_counter() - started, 3)
-        logger.info("job %d finished: %s", job_id, outcome)
+        logger.info("job %d finished: %s", job.id, outcome)
         outcomes.append(outcome)
         release_free_memory(db)
 
@@ -140,22 +136,15 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
-def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job_id: int, worker: str,
+def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, worker: str,
              settings: Settings) -> dict[str, Any]:
+    """Run one claimed job. `job` is the row as claimed (detached): only the lease holder writes it."""
+    job_id = job.id
     runtime: ModelRuntime | None = None
     try:
-        # Short transactions only: on SQLite each one holds the database's write lock.
-        with db.session() as session:
-            model = get_model(session, model_name)
-        runtime = runtime_for(model)  # loads the model once per process, outside any transaction
-        with db.session() as session:
-            model = get_model(session, model_name)
-            runtime.check_spec(session, model)
-            head = model.head_version
-            job = session.get(Job, job_id)
-            assert job is not None
-            if job.kind != "rollback":  # a rollback must work even when the head is damaged
-                runtime.use_version(session, model, head)
+        # A rollback must work even when the head's codebook is damaged: it loads its own.
+        loaded = load_model(db, model_name, runtime_for=runtime_for, load_codebook=job.kind != "rollback")
+        runtime, model, head = loaded.runtime, loaded.model, loaded.head
         change = execute(db, runtime, model, job, worker, head, settings.batch_checkpoint_facts)
         outcome = commit(db, runtime, model_name, job_id, worker, head, change)
         # The job's appends are over: between jobs the codebook holds one exact copy of its tensors.
