@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +22,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from kb_daemon.errors import KbError
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -91,8 +95,7 @@ class Fact(Base):
     source: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(200))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # pending -> applied -> superseded | retracted | rolled_back ; or failed
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # a FactStatus; see FACT_TRANSITIONS
     entered_version: Mapped[int | None] = mapped_column(Integer)
     left_version: Mapped[int | None] = mapped_column(Integer)
     superseded_by: Mapped[str | None] = mapped_column(String(40))
@@ -159,8 +162,7 @@ class Job(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     seq: Mapped[int] = mapped_column(Integer)  # per-model order of execution
     kind: Mapped[str] = mapped_column(String(20))  # edit, retract, rollback, batch
-    # queued -> running -> done | failed | held
-    status: Mapped[str] = mapped_column(String(20), default="queued")
+    status: Mapped[str] = mapped_column(String(20), default="queued")  # a JobStatus; see JOB_TRANSITIONS
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     actor: Mapped[str] = mapped_column(String(200))
@@ -178,3 +180,88 @@ class Job(Base):
         UniqueConstraint("model_id", "seq", name="uq_jobs_model_seq"),
         Index("ix_jobs_model_status", "model_id", "status"),
     )
+
+
+# ----- statuses -------------------------------------------------------------------------------
+class JobStatus(str, enum.Enum):
+    """Where a job stands. The values are the strings stored in `jobs.status`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    HELD = "held"  # its version was held by the canary check; `kbctl promote` makes it done
+
+
+class FactStatus(str, enum.Enum):
+    """What became of a fact. The values are the strings stored in `facts.status`."""
+
+    PENDING = "pending"
+    APPLIED = "applied"  # in the head version
+    HELD = "held"  # in a held version, waiting for `kbctl promote`
+    SUPERSEDED = "superseded"
+    RETRACTED = "retracted"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+# Every change of a status goes through `change_status`, which allows exactly these moves.
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({
+        JobStatus.RUNNING,  # claimed with a lease
+        JobStatus.FAILED,  # given up after too many attempts
+    }),
+    JobStatus.RUNNING: frozenset({
+        JobStatus.RUNNING,  # its lease expired and a worker claimed it again
+        JobStatus.QUEUED,  # released: its result was computed on a head that moved
+        JobStatus.DONE,
+        JobStatus.HELD,
+        JobStatus.FAILED,  # the job failed, or was given up after too many attempts
+    }),
+    JobStatus.HELD: frozenset({JobStatus.DONE}),  # its version promoted
+    JobStatus.DONE: frozenset(),
+    JobStatus.FAILED: frozenset(),
+}
+
+FACT_TRANSITIONS: dict[FactStatus, frozenset[FactStatus]] = {
+    FactStatus.PENDING: frozenset({
+        FactStatus.APPLIED,
+        FactStatus.HELD,
+        FactStatus.SUPERSEDED,  # by a later fact of its own batch
+        FactStatus.FAILED,  # its edit job failed
+    }),
+    FactStatus.HELD: frozenset({FactStatus.APPLIED}),  # promoted, or rolled back to
+    FactStatus.APPLIED: frozenset({FactStatus.SUPERSEDED, FactStatus.RETRACTED, FactStatus.ROLLED_BACK}),
+    # A rollback to a version that holds the fact applies it again.
+    FactStatus.SUPERSEDED: frozenset({FactStatus.APPLIED}),
+    FactStatus.RETRACTED: frozenset({FactStatus.APPLIED}),
+    FactStatus.ROLLED_BACK: frozenset({FactStatus.APPLIED}),
+    FactStatus.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(KbError):
+    """A job or fact asked to move to a status its current one does not lead to."""
+
+
+def change_status(row: Job | Fact, new: JobStatus | FactStatus) -> None:
+    """Move a job or a fact to `new`; raise IllegalTransition, leaving the row as it was, when the
+    transition table does not allow the move."""
+    status_type: type[JobStatus] | type[FactStatus]
+    if isinstance(row, Job):
+        kind, status_type, table = "job", JobStatus, cast(Mapping[Any, frozenset[Any]], JOB_TRANSITIONS)
+    else:
+        kind, status_type, table = "fact", FactStatus, cast(Mapping[Any, frozenset[Any]], FACT_TRANSITIONS)
+    if not isinstance(new, status_type):
+        raise TypeError(f"a {kind}'s status is a {status_type.__name__}, got {new!r}")
+    try:
+        current = status_type(row.status)
+    except ValueError:
+        raise IllegalTransition(f"{kind} {row.id} has the unknown status {row.status!r}") from None
+    allowed = table[current]
+    if new not in allowed:
+        names = ", ".join(sorted(s.value for s in allowed)) or "nothing"
+        raise IllegalTransition(
+            f"{kind} {row.id} cannot go from {current.value} to {new.value} (from {current.value}: {names})"
+        )
+    row.status = new.value

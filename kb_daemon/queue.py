@@ -20,14 +20,14 @@ from sqlalchemy.orm import Session
 
 from kb_daemon.config import Settings
 from kb_daemon.errors import Conflict, InvalidInput, NotFound
-from kb_daemon.models import Fact, Job, Model, as_utc, utcnow
+from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, as_utc, change_status, utcnow
 from kb_daemon.snapshots import create_initial_version, put_blob
 
 ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 MAX_QUESTION_CHARS = 2_000
 MAX_ANSWER_CHARS = 500
 MAX_ATTEMPTS = 5
-UNFINISHED = ("queued", "running")
+UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
 def default_actor() -> str:
@@ -170,7 +170,7 @@ def record_fact(session: Session, model: Model, fact: FactInput, *, actor: str, 
     negatives += [{"question": q} for q in fact.negative_questions]
     row = Fact(id="f-" + uuid.uuid4().hex[:16], model_id=model.id, key=fact.key, image_sha256=image_sha,
                question=fact.question, answer=fact.answer, rephrases=list(fact.rephrases), negatives=negatives,
-               source=source, actor=actor, status="pending")
+               source=source, actor=actor, status=FactStatus.PENDING.value)
     session.add(row)
     session.flush()
     return row
@@ -198,7 +198,7 @@ def enqueue(session: Session, model: Model, kind: str, payload: dict[str, Any], 
         update(Model).where(Model.id == model.id).values(next_job_seq=Model.next_job_seq + 1)
         .returning(Model.next_job_seq)
     ).scalar_one()
-    job = Job(model_id=model.id, seq=seq, kind=kind, status="queued", payload=payload, actor=actor,
+    job = Job(model_id=model.id, seq=seq, kind=kind, status=JobStatus.QUEUED.value, payload=payload, actor=actor,
               source=source, attempts=0, progress_done=0, progress_total=0)
     session.add(job)
     session.flush()
@@ -223,13 +223,14 @@ def claim_next_job(session: Session, model: Model, worker: str, lease_seconds: f
     ).scalar_one_or_none()
     if job is None:
         return None
-    if job.status == "running" and as_utc(job.lease_expires_at) > now and job.lease_owner != worker:
+    if job.status == JobStatus.RUNNING and as_utc(job.lease_expires_at) > now and job.lease_owner != worker:
         return None  # another worker holds it: strictly one job per model at a time
     if job.attempts >= MAX_ATTEMPTS:
-        job.status, job.error, job.finished_at = "failed", f"gave up after {job.attempts} attempts", now
+        change_status(job, JobStatus.FAILED)
+        job.error, job.finished_at = f"gave up after {job.attempts} attempts", now
         session.flush()
         return claim_next_job(session, model, worker, lease_seconds, now)
-    job.status = "running"
+    change_status(job, JobStatus.RUNNING)
     job.lease_owner = worker
     job.lease_expires_at = now + timedelta(seconds=lease_seconds)
     job.attempts += 1
@@ -241,7 +242,7 @@ def claim_next_job(session: Session, model: Model, worker: str, lease_seconds: f
 def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float) -> bool:
     now = utcnow()
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == "running")
+        update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == JobStatus.RUNNING.value)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
     return result.rowcount == 1
@@ -250,7 +251,7 @@ def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float
 def assert_lease(session: Session, job: Job, worker: str) -> None:
     """Inside the committing transaction: the job must still be ours."""
     session.refresh(job)
-    if job.status != "running" or job.lease_owner != worker:
+    if job.status != JobStatus.RUNNING or job.lease_owner != worker:
         raise Conflict(f"job {job.id} is no longer leased to {worker} (status {job.status}); result dropped")
 
 
@@ -262,7 +263,7 @@ def models_needing_work(session: Session, now: datetime | None = None) -> list[s
         .where(Job.status.in_(UNFINISHED))
     ).all()
     names = {name for name, status, lease in rows
-             if status == "queued" or (lease is not None and as_utc(lease) <= now)}
+             if status == JobStatus.QUEUED or (lease is not None and as_utc(lease) <= now)}
     return sorted(names)
 
 

@@ -292,7 +292,7 @@ def set_spec(session: Session, model: Model, spec: dict[str, Any]) -> None:
 
 def promote_version(session: Session, model: Model, number: int, actor: str) -> Version:
     """Make a held version the head (the caller holds the model lock)."""
-    from kb_daemon.models import Fact, Job
+    from kb_daemon.models import Fact, FactStatus, Job, JobStatus, change_status
 
     version = get_version(session, model, number)
     if not version.held:
@@ -305,17 +305,18 @@ def promote_version(session: Session, model: Model, number: int, actor: str) -> 
     version.held = False
     version.summary = {**version.summary, "promoted_by": actor}
     model.head_version = number
-    for fact_id, status in version.summary.get("ledger", {}).items():
+    for fact_id, value in version.summary.get("ledger", {}).items():
         fact = session.get(Fact, fact_id)
         if fact is not None:
-            fact.status = status
-            if status == "applied":
+            status = FactStatus(value)
+            change_status(fact, status)
+            if status == FactStatus.APPLIED:
                 fact.entered_version, fact.left_version = number, None
             else:
                 fact.left_version = number
     if version.job_id is not None:
         job = session.get(Job, version.job_id)
-        if job is not None and job.status == "held":
-            job.status = "done"
+        if job is not None and job.status == JobStatus.HELD:
+            change_status(job, JobStatus.DONE)
     session.flush()
     return version

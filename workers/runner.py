@@ -27,7 +27,7 @@ from kb_daemon.config import Settings
 from kb_daemon.db import Database, DatabaseUnavailable, JSONItems
 from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
-from kb_daemon.models import Fact, Job, Model, utcnow
+from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
 from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
@@ -165,7 +165,7 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
         if runtime is not None:
             runtime.invalidate()
         record_failure(db, job_id, worker, str(exc))
-        return {"job_id": job_id, "status": "failed", "error": str(exc)}
+        return {"job_id": job_id, "status": JobStatus.FAILED.value, "error": str(exc)}
 
 
 def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
@@ -324,13 +324,14 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         )
         _update_ledger(session, version, change)
         now = utcnow()
-        job.status = "held" if change.held else "done"
+        status = JobStatus.HELD if change.held else JobStatus.DONE
+        change_status(job, status)
         job.result = {"version": version.number, "reports": JSONItems(change.reports), **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
         number = version.number
         _fault_pause_in_commit(session, job_id, number)
     runtime.version = None if change.held else number
-    return {"job_id": job_id, "status": "held" if change.held else "done", "version": number,
+    return {"job_id": job_id, "status": status.value, "version": number,
             "edits": len(change.reports)}
 
 
@@ -356,50 +357,57 @@ def entry_rows_for_existing(session: Any, model: Model, fact_ids: list[str]) -> 
 def _update_ledger(session: Any, version: Any, change: Change) -> None:
     """Fact statuses after a version; for a held version they are kept for `kbctl promote`."""
     added, removed = set(version.summary["added"]), set(version.summary["removed"])
-    statuses: dict[str, str] = {fact_id: "applied" for fact_id in added}
+    statuses: dict[str, FactStatus] = {fact_id: FactStatus.APPLIED for fact_id in added}
     for fact_id in removed:
         if fact_id in change.superseded:
-            statuses[fact_id] = "superseded"
+            statuses[fact_id] = FactStatus.SUPERSEDED
         elif fact_id in change.retracted:
-            statuses[fact_id] = "retracted"
+            statuses[fact_id] = FactStatus.RETRACTED
         else:
-            statuses[fact_id] = "rolled_back"
+            statuses[fact_id] = FactStatus.ROLLED_BACK
     for fact_id in set(change.applied) - added:  # applied, then superseded within the same batch
-        statuses[fact_id] = "superseded"
+        statuses[fact_id] = FactStatus.SUPERSEDED
     if change.held:
-        version.summary = {**version.summary, "ledger": statuses}
+        version.summary = {**version.summary, "ledger": {f: status.value for f, status in statuses.items()}}
         for fact_id in added:
-            session.get(Fact, fact_id).status = "held"
+            change_status(session.get(Fact, fact_id), FactStatus.HELD)
         return
     for fact_id, status in statuses.items():
         fact = session.get(Fact, fact_id)
-        fact.status, fact.error = status, None
-        if status == "applied":
+        change_status(fact, status)
+        fact.error = None
+        if status == FactStatus.APPLIED:
             fact.entered_version, fact.left_version = version.number, None
         elif fact_id in removed:
             fact.left_version = version.number
-        if status == "superseded":
+        if status == FactStatus.SUPERSEDED:
             fact.superseded_by = change.superseded.get(fact_id)
 
 
 def record_failure(db: Database, job_id: int, worker: str, message: str) -> None:
     with db.session() as session:
         job = session.get(Job, job_id)
-        if job is None or job.lease_owner != worker:
-            return
-        job.status, job.error, job.finished_at = "failed", message, utcnow()
+        if job is None or job.lease_owner != worker or job.status != JobStatus.RUNNING:
+            return  # no longer ours (see queue.assert_lease)
+        change_status(job, JobStatus.FAILED)
+        job.error, job.finished_at = message, utcnow()
         job.lease_owner, job.lease_expires_at = None, None
         fact_id = job.payload.get("fact_id") if job.kind == "edit" else None
         if fact_id:
             fact = session.get(Fact, fact_id)
-            if fact is not None and fact.status == "pending":
-                fact.status, fact.error = "failed", message
+            if fact is not None and fact.status == FactStatus.PENDING:
+                change_status(fact, FactStatus.FAILED)
+                fact.error = message
 
 
 def release(db: Database, job_id: int, worker: str) -> None:
     """Give a job back to the queue (its result was computed on a stale head)."""
     with db.session() as session:
-        session.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == "running")
-            .values(status="queued", lease_owner=None, lease_expires_at=None)
-        )
+        job = session.execute(
+            select(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == JobStatus.RUNNING.value)
+            .with_for_update()
+        ).scalar_one_or_none()
+        if job is None:
+            return  # no longer ours
+        change_status(job, JobStatus.QUEUED)
+        job.lease_owner, job.lease_expires_at = None, None
