@@ -19,7 +19,20 @@ from kb_daemon.config import Settings, redact
 from kb_daemon.errors import KbError
 
 logger = logging.getLogger(__name__)
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def _migrations_dir() -> Path:
+    """The Alembic scripts: the repository's migrations/, which a wheel installs as kb_daemon/migrations.
+
+    An installed wheel holds them inside the package; a source checkout or an editable install
+    keeps them at the top of the repository, beside the package.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "migrations"
+    return installed if installed.is_dir() else package.parent / "migrations"
+
+
+MIGRATIONS_DIR = _migrations_dir()
 
 
 class SchemaOutOfDate(KbError):
@@ -117,6 +130,7 @@ class Database:
                 raise
 
     def alembic_config(self) -> Any:
+        """Alembic configured from code, on this database's engine: no alembic.ini at run time."""
         from alembic.config import Config
 
         config = Config()

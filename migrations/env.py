@@ -12,11 +12,11 @@ config = context.config
 
 def run() -> None:
     engine = config.attributes.get("engine")
-    if engine is None:
+    if engine is None:  # the `alembic` command line; kb-daemon passes its own engine
         from kb_daemon.config import Settings
-        from kb_daemon.db import make_engine
+        from kb_daemon.db import Database
 
-        engine = make_engine(Settings.from_env().database_url)
+        engine = Database(Settings.from_env()).engine  # creates KB_HOME for a SQLite database
     with engine.connect() as connection:
         context.configure(
             connection=connection,
