@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ class KbGroup(click.Group):
 
 
 def one_line(message: str) -> str:
-    return " ".join(message.split())
+    return printable(" ".join(message.split()))
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
@@ -82,17 +83,43 @@ def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(function)
 
 
+def model_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`--model NAME` after the command name too (`kbctl jobs --model x` = `kbctl --model x jobs`)."""
+
+    def choose(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        state = ctx.find_object(State)
+        if value and state is not None:
+            state.model = value
+
+    return click.option("--model", "model_name", default=None, expose_value=False, callback=choose,
+                        metavar="NAME", help="Registered model to act on (default: kbctl's --model).")(function)
+
+
 def actor_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--actor", default=None, help="Who makes this change (default: the OS user).")(function)
 
 
 def emit(as_json: bool, data: Any, text: str | Callable[[], None]) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(data, indent=2, default=str))  # JSON escapes every control character
     elif callable(text):
         text()
     else:
-        click.echo(text)
+        echo(text)
+
+
+# Characters that would act on the terminal instead of being shown: C0/C1 controls (but newline)
+# and the bidirectional overrides and isolates that reorder what follows them.
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text that may hold stored user input with its terminal controls shown escaped (\\u202e)."""
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def echo(text: str) -> None:
+    click.echo(printable(text))
 
 
 def actor_of(actor: str | None) -> str:
@@ -241,7 +268,7 @@ def model_list(state: State, as_json: bool) -> None:
 
     def table() -> None:
         for row in rows:
-            click.echo(f"{row.name:<20} head v{row.head_version:<6} {row.path}")
+            echo(f"{row.name:<20} head v{row.head_version:<6} {row.path}")
 
     emit(as_json, [row.as_dict() for row in rows], table)
 
@@ -260,6 +287,7 @@ def model_list(state: State, as_json: bool) -> None:
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait with --wait.")
 @actor_option
 @json_option
+@model_option
 @pass_state
 def submit_fact(state: State, image: str | None, question: str, answer: str, rephrases: tuple[str, ...],
                 negative_images: tuple[str, ...], negative_questions: tuple[str, ...], wait: bool,
@@ -280,9 +308,16 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
     queued = waited(state, state.service.submit_fact(state.model, fact, actor=actor_of(actor)), wait, timeout,
                     as_json)
     text = f"fact {queued.fact_id} queued as job {queued.job_id}"
+    data = queued.as_dict()
     if queued.outcome is not None:
+        detail = state.service.fact(state.model, str(queued.fact_id))
+        data["warnings"] = detail.warnings
         text += f"; applied as version {queued.outcome.version}"
-    emit(as_json, queued.as_dict(), text)
+        if detail.report is not None:
+            text += f" (radius {detail.report['radius']:.4g}, {detail.report['steps']} steps)"
+        if detail.warnings:
+            text += "; warning: " + ", ".join(detail.warnings)
+    emit(as_json, data, text)
 
 
 def waited(state: State, queued: Queued, wait: bool, timeout: float, quiet: bool) -> Queued:
@@ -316,6 +351,7 @@ def wait_for_job(state: State, job_id: int, timeout: float, quiet: bool) -> JobO
 @click.option("--question", required=True)
 @click.option("--version", "version", type=int, help="Version to answer from (default: head).")
 @json_option
+@model_option
 @pass_state
 def ask(state: State, image: str | None, question: str, version: int | None, as_json: bool) -> None:
     """Answer a question with the edited model (loads the model in this process).
@@ -338,6 +374,7 @@ def ask(state: State, image: str | None, question: str, version: int | None, as_
 @click.option("--timeout", type=float, default=600.0, show_default=True)
 @actor_option
 @json_option
+@model_option
 @pass_state
 def retract(state: State, fact_id: str, wait: bool, timeout: float, actor: str | None, as_json: bool) -> None:
     """Remove a fact from the knowledge (a new version without it).
@@ -358,6 +395,7 @@ def retract(state: State, fact_id: str, wait: bool, timeout: float, actor: str |
 @click.option("--timeout", type=float, default=600.0, show_default=True)
 @actor_option
 @json_option
+@model_option
 @pass_state
 def rollback(state: State, version: int, wait: bool, timeout: float, actor: str | None, as_json: bool) -> None:
     """Make a new head whose content equals VERSION (history is kept; a rollback can be rolled back).
@@ -376,6 +414,7 @@ def rollback(state: State, version: int, wait: bool, timeout: float, actor: str 
 @click.argument("version", type=int)
 @actor_option
 @json_option
+@model_option
 @pass_state
 def promote(state: State, version: int, actor: str | None, as_json: bool) -> None:
     """Make a held batch version the head despite its broken canaries.
@@ -395,6 +434,7 @@ def promote(state: State, version: int, actor: str | None, as_json: bool) -> Non
 @click.option("--timeout", type=float, default=3600.0, show_default=True)
 @actor_option
 @json_option
+@model_option
 @pass_state
 def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, actor: str | None,
            as_json: bool) -> None:
@@ -403,6 +443,9 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
     New facts are added, facts whose answer changed supersede the old one, unchanged ones are
     skipped (running the same file twice queues nothing). One malformed line rejects the whole
     source, naming the file and line.
+
+    With --wait, a batch held by the model's canary gate exits with status 3 (its version is
+    recorded; `kbctl promote V` makes it the head).
 
     \b
     Example:
@@ -424,17 +467,70 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
         text += f"; version {outcome.version}"
 
     def lines() -> None:
-        click.echo(text)
+        echo(text)
         for item in result.skipped:
-            click.echo(f"  skipped {item['where']}: fact {item['fact_id']} {item['reason']}")
+            echo(f"  skipped {item['where']}: fact {item['fact_id']} {item['reason']}")
 
     emit(as_json, result.as_dict(), lines)
+    if outcome is not None and outcome.status == "held":
+        raise click.exceptions.Exit(EXIT_HELD)
 
 
 # ----- inspection -----------------------------------------------------------------------------
 @cli.command()
+@click.argument("fact_id")
+@model_option
+@json_option
+@pass_state
+def fact(state: State, fact_id: str, as_json: bool) -> None:
+    """Show one fact: what was asked, its status and versions, and the report of its edit.
+
+    The report gives the unedited answer, the radius and whether it fell back, the distances of the
+    rephrasings and negatives to the fact's key, and the optimisation steps; warnings name
+    negatives inside the radius and rephrasings outside it.
+
+    \b
+    Example:
+        kbctl fact f-1a2b3c4d5e6f7a8b
+    """
+    detail = state.service.fact(state.model, fact_id)
+
+    def text() -> None:
+        echo(f"fact {detail.fact_id}: {detail.status}"
+                   + (f" (entered v{detail.entered_version}" if detail.entered_version is not None else "")
+                   + (f", left v{detail.left_version})" if detail.left_version is not None
+                      else (")" if detail.entered_version is not None else "")))
+        echo(f"  question: {detail.question!r}")
+        echo(f"  answer:   {detail.answer!r}")
+        for rephrase in detail.rephrases:
+            echo(f"  rephrase: {rephrase!r}")
+        echo(f"  negatives: {len(detail.negatives)}; key: {detail.key}; by {detail.actor} via {detail.source}, "
+                   f"{detail.submitted_at}")
+        if detail.superseded_by:
+            echo(f"  superseded by {detail.superseded_by}")
+        if detail.error:
+            echo(f"  error: {detail.error}")
+        report = detail.report
+        if report is not None:
+            echo(f"  edit: unedited answer {report['original_answer']!r}; radius {report['radius']:.4g}"
+                       + (f" (fallback: {report['radius_fallback']})" if report.get("radius_fallback") else "")
+                       + f"; {report['steps']} steps, {'converged' if report['converged'] else 'not converged'}")
+            echo("  positives at " + _distances(report["positive_distances"])
+                       + "; negatives at " + _distances(report["negative_distances"]))
+        for warning in detail.warnings:
+            echo(f"  warning: {warning}")
+
+    emit(as_json, detail.as_dict(), text)
+
+
+def _distances(values: list[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values) if values else "none"
+
+
+@cli.command()
 @click.option("--limit", type=int, default=20, show_default=True)
 @json_option
+@model_option
 @pass_state
 def jobs(state: State, limit: int, as_json: bool) -> None:
     """List the model's most recent jobs.
@@ -449,13 +545,14 @@ def jobs(state: State, limit: int, as_json: bool) -> None:
         for j in rows:
             extra = f" v{j.version}" if j.version is not None else ""
             error = f"  {j.error}" if j.error else ""
-            click.echo(f"#{j.id:<5} {j.kind:<9} {j.status:<8}{extra}{error}")
+            echo(f"#{j.id:<5} {j.kind:<9} {j.status:<8}{extra}{error}")
 
     emit(as_json, [j.as_dict() for j in rows], table)
 
 
 @cli.command()
 @json_option
+@model_option
 @pass_state
 def status(state: State, as_json: bool) -> None:
     """Queue depth, running job and its age, head version, last worker seen.
@@ -471,6 +568,7 @@ def status(state: State, as_json: bool) -> None:
 @cli.command()
 @click.option("--limit", type=int, default=50, show_default=True)
 @json_option
+@model_option
 @pass_state
 def history(state: State, limit: int, as_json: bool) -> None:
     """List the model's versions, newest first, with who made each and from where.
@@ -485,8 +583,10 @@ def history(state: State, limit: int, as_json: bool) -> None:
         for v in rows:
             mark = "*" if v.version == head else ("H" if v.held else " ")
             change = ", ".join([f"+{f}" for f in v.added] + [f"-{f}" for f in v.removed])
-            click.echo(f"{mark} v{v.version:<5} {v.kind:<9} {v.entries:>5} entries  "
-                       f"{v.actor} via {v.source}  {change}")
+            parent = f"<- v{v.parent}" if v.parent is not None else ""
+            gate = " HELD" if v.held else (f" held, promoted by {v.promoted_by}" if v.promoted_by else "")
+            echo(f"{mark} v{v.version:<5} {parent:<8} {v.kind:<9} {v.entries:>5} entries  "
+                       f"{v.actor} via {v.source}{gate}  {change}")
 
     emit(as_json, [v.as_dict() for v in rows], table)
 
@@ -494,6 +594,7 @@ def history(state: State, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("version", type=int)
 @json_option
+@model_option
 @pass_state
 def show(state: State, version: int, as_json: bool) -> None:
     """Show one version: its metadata and the facts it holds.
@@ -506,9 +607,13 @@ def show(state: State, version: int, as_json: bool) -> None:
 
     def text() -> None:
         v = detail.info
-        click.echo(f"version {v.version} ({v.kind}, parent {v.parent}, by {v.actor} via {v.source}, {v.created_at})")
+        echo(f"version {v.version} ({v.kind}, parent {v.parent}, by {v.actor} via {v.source}, {v.created_at})")
+        if v.held:
+            echo(f"  held by the canary gate: `kbctl promote {v.version}` makes it the head")
+        elif v.promoted_by:
+            echo(f"  was held by the canary gate; promoted by {v.promoted_by}")
         for f in detail.facts:
-            click.echo(f"  {f.fact_id}  {f.question!r} -> {f.answer!r}")
+            echo(f"  {f.fact_id}  {f.question!r} -> {f.answer!r}")
 
     emit(as_json, detail.as_dict(), text)
 
@@ -517,6 +622,7 @@ def show(state: State, version: int, as_json: bool) -> None:
 @click.argument("first", type=int)
 @click.argument("second", type=int)
 @json_option
+@model_option
 @pass_state
 def diff(state: State, first: int, second: int, as_json: bool) -> None:
     """Facts added and removed between two versions, and radii that changed.
@@ -529,13 +635,13 @@ def diff(state: State, first: int, second: int, as_json: bool) -> None:
 
     def text() -> None:
         if result.identical:
-            click.echo(f"versions {first} and {second} hold the same facts with the same radii")
+            echo(f"versions {first} and {second} hold the same facts with the same radii")
         for f in result.added:
-            click.echo(f"+ {f}")
+            echo(f"+ {f}")
         for f in result.removed:
-            click.echo(f"- {f}")
+            echo(f"- {f}")
         for change in result.radii_changed:
-            click.echo(f"~ {change.fact_id} radius {change.before:.4g} -> {change.after:.4g}")
+            echo(f"~ {change.fact_id} radius {change.before:.4g} -> {change.after:.4g}")
 
     emit(as_json, result.as_dict(), text)
 
@@ -544,6 +650,7 @@ def diff(state: State, first: int, second: int, as_json: bool) -> None:
 @click.argument("version", type=int)
 @click.argument("directory", type=click.Path(file_okay=False))
 @json_option
+@model_option
 @pass_state
 def export(state: State, version: int, directory: str, as_json: bool) -> None:
     """Write VERSION's codebook and metadata to DIRECTORY, loadable by `editor` anywhere.
@@ -576,6 +683,7 @@ def exec_workers(state: State, *args: str) -> None:
 
 @cli.command()
 @click.option("--loglevel", default="INFO", show_default=True)
+@model_option
 @pass_state
 def worker(state: State, loglevel: str) -> None:
     """Run the worker of --model in the foreground (solo pool: one process, model loaded once).
@@ -607,6 +715,7 @@ def beat(state: State, loglevel: str) -> None:
 
 @cli.command()
 @click.option("--loglevel", default="INFO", show_default=True)
+@model_option
 @pass_state
 def up(state: State, loglevel: str) -> None:
     """The embedded daemon: the worker of --model with beat, in the foreground.
@@ -638,6 +747,8 @@ def demo(new_name: str) -> None:
 
 
 cli.add_command(eval_command)
+
+EXIT_HELD = 3  # `ingest --wait`: the batch's version was held by the canary gate
 
 # Offline by default: nothing may download weights or data at run time.
 HF_DEFAULTS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}

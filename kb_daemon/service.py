@@ -189,12 +189,13 @@ class VersionInfo(Result):
     source: str
     created_at: datetime
     content_sha256: str
+    promoted_by: str | None  # who made this held version the head (it was held until then)
 
     @classmethod
     def of(cls, row: Version) -> VersionInfo:
         return cls(row.number, row.parent, row.kind, row.num_entries, list(row.summary.get("added", [])),
                    list(row.summary.get("removed", [])), row.held, row.actor, row.source, row.created_at,
-                   row.content_sha256)
+                   row.content_sha256, row.summary.get("promoted_by"))
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,47 @@ class ExportBundle:
     @property
     def entries(self) -> int:
         return len(self.metadata["facts"])
+
+
+@dataclass(frozen=True)
+class FactDetail(Result):
+    """A ledger row with the edit report of the job that applied it (None before that)."""
+
+    fact_id: str
+    status: str
+    question: str
+    answer: str
+    rephrases: list[str]
+    negatives: list[dict[str, str]]
+    key: str | None
+    source: str
+    actor: str
+    submitted_at: datetime
+    entered_version: int | None
+    left_version: int | None
+    superseded_by: str | None
+    error: str | None
+    report: dict[str, Any] | None
+    warnings: list[str]
+
+
+def report_warnings(report: dict[str, Any] | None) -> list[str]:
+    """What an operator should look at in an edit report, one short phrase each."""
+    if not report:
+        return []
+    radius = float(report["radius"])
+    warnings = []
+    inside = sum(1 for d in report.get("negative_distances", []) if d <= radius)
+    if inside:
+        warnings.append(f"{inside} negative{'s' if inside > 1 else ''} inside the radius")
+    outside = sum(1 for d in report.get("positive_distances", []) if d > radius)
+    if outside:
+        warnings.append(f"{outside} rephrasing{'s' if outside > 1 else ''} outside the radius")
+    if report.get("radius_fallback"):
+        warnings.append(f"radius fallback: {report['radius_fallback']}")
+    if report.get("converged") is False:
+        warnings.append(f"values did not converge in {report.get('steps')} steps")
+    return warnings
 
 
 @dataclass(frozen=True)
@@ -495,24 +537,35 @@ class Service:
                                    for f in codebook.fact_ids]})
         return ExportBundle(version, codebook.to_bytes(), meta)
 
+    def fact(self, model: str, fact_id: str) -> FactDetail:
+        """One fact of the ledger, its status and the report of the edit that applied it."""
+        from kb_daemon.queue import get_fact
+        from kb_daemon.snapshots import get_version
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            fact = get_fact(session, row, fact_id)
+            report = None
+            if fact.entered_version is not None:
+                job_id = get_version(session, row, fact.entered_version).job_id
+                job = session.get(Job, job_id) if job_id is not None else None
+                for item in ((job.result or {}).get("reports") or []) if job is not None else []:
+                    if item.get("fact_id") == fact_id:
+                        report = dict(item)
+            return FactDetail(fact.id, fact.status, fact.question, fact.answer, list(fact.rephrases),
+                              list(fact.negatives), fact.key, fact.source, fact.actor, fact.submitted_at,
+                              fact.entered_version, fact.left_version, fact.superseded_by, fact.error, report,
+                              report_warnings(report))
+
     def ask(self, model: str, image: bytes | None, question: str, version: int | None = None) -> Answer:
         """Answer with the edited model at `version` (default: the head), loaded in this process."""
         from kb_daemon.queue import MAX_QUESTION_CHARS, clean_text
-        from kb_daemon.runtime import ModelRuntime, open_image
-        from kb_daemon.snapshots import get_version
+        from kb_daemon.runtime import load_model, open_image
 
         question = clean_text(question, "question", MAX_QUESTION_CHARS)
-        db = self.checked_db()
-        with db.session() as session:
-            row = _model(session, model)
-            number = row.head_version if version is None else get_version(session, row, version).number
-        runtime = ModelRuntime(row)
-        with db.session() as session:
-            row = _model(session, model)
-            runtime.check_spec(session, row)
-            runtime.use_version(session, row, number)
-        answer = runtime.editor.answers([(open_image(image), question)])[0]
-        return Answer(answer.text, number, answer.fact_id)
+        loaded = load_model(self.checked_db(), model, version)
+        answer = loaded.runtime.editor.answers([(open_image(image), question)])[0]
+        return Answer(answer.text, loaded.version, answer.fact_id)
 
 
 def parse_hparams(pairs: Sequence[str]) -> dict[str, Any]:

@@ -137,13 +137,19 @@ def test_ingestion_and_promotion_gate(daemon, assets, tmp_path):
     gated.env = {**d.env, "KB_MODEL": "gated"}
     gated.start_worker("worker")
     try:
-        held = gated.kbctl("ingest", str(source), "--wait", "--json")
+        # A held batch is not a success: exit status 3, with its report on stdout.
+        held = json.loads(gated.kbctl("ingest", str(source), "--wait", "--json", expect=3).stdout)
         assert held["status"] == "held" and held["version"] == 1
         assert held["canaries"]["changed"] == 1
         assert gated.kbctl("status", "--json")["head_version"] == 0
         assert ask(gated, source / "red.png")["fact_id"] is None
-        gated.kbctl("promote", "1")
+        assert "HELD" in gated.kbctl("history").stdout
+        gated.kbctl("promote", "1", "--actor", "hank")
         assert ask(gated, source / "red.png")["answer"] == "brick"
+        promoted = gated.kbctl("history", "--json")[0]
+        assert (promoted["version"], promoted["held"], promoted["promoted_by"]) == (1, False, "hank")
+        assert "held, promoted by hank" in gated.kbctl("history").stdout
+        assert "was held by the canary gate; promoted by hank" in gated.kbctl("show", "1").stdout
     finally:
         gated.stop_workers()
 
