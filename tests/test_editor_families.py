@@ -184,9 +184,53 @@ def test_grace_uses_the_fixed_radius(family, backbone):
         assert ed.answer(red, QUESTION) == "oblong box"
 
 
+PUBLIC_NAMES = {"load_backbone": "editor.backbones", "Backbone": "editor.backbones", "Editor": "editor.editor",
+                "EditConfig": "editor.config", "Codebook": "editor.codebook", "Fact": "editor.fact",
+                "Negative": "editor.fact", "EditReport": "editor.fact", "EditorError": "editor.errors",
+                "UnsupportedBackboneError": "editor.errors", "IncompatibleCodebookError": "editor.errors",
+                "InvalidFactError": "editor.errors"}
+# The family each tiny model is detected as (a key of editor.backbones.FAMILIES).
+DETECTED = {"llava-llama": "llava", "llava-qwen2": "llava", "blip2-opt": "blip2", "gpt2": "gpt2", "llama": "llama"}
+
+
 def test_public_api_names():
-    for name in ("load_backbone", "Editor", "Codebook", "Fact", "EditReport"):
-        assert getattr(editor, name) is not None
+    import importlib
+
+    assert editor.__all__ == sorted(PUBLIC_NAMES)
+    for name, module in PUBLIC_NAMES.items():
+        assert getattr(editor, name) is getattr(importlib.import_module(module), name), name
+    with pytest.raises(AttributeError, match="module 'editor' has no attribute 'Editr'"):
+        editor.Editr  # noqa: B018
+
+
+def test_public_api_edits_a_saved_model_at_its_family_layer(family, tmp_path):
+    """Through the public names only: load a model directory, edit one fact at the family table's
+    layer, and only that input's answer changes."""
+    from tiny_models import save
+
+    from editor.backbones import FAMILIES as FAMILY_TABLE
+
+    save(family, tmp_path / "model")
+    backbone = editor.load_backbone(tmp_path / "model")
+    spec = FAMILY_TABLE[DETECTED[family]]
+    assert backbone.family is spec
+    last = len(backbone.model.get_submodule(spec.decoder_layers)) - 1
+    layer = f"{spec.decoder_layers}.{last}.{spec.mlp_output}"
+    assert backbone.default_layer == layer
+    red = fact_inputs(family)
+    other = (red, "is it blue?")
+    with editor.Editor(backbone) as ed:
+        assert ed.layer == layer and ed.codebook.spec.layer == layer
+        base_other = ed.answer(*other)
+        assert ed.answer(red, QUESTION) != "oblong box"
+        report = ed.apply(editor.Fact(red, QUESTION, "oblong box", negatives=(editor.Negative(question=other[1]),)))
+        assert isinstance(report, editor.EditReport) and report.converged
+        assert len(ed.codebook) == 1
+        assert ed.answer(red, QUESTION) == "oblong box"
+        assert ed.answer(*other) == base_other
+        # The adapter sits at exactly that path while the editor is open, and is gone after.
+        assert type(backbone.model.get_submodule(layer)).__name__ == "CodebookAdapter"
+    assert type(backbone.model.get_submodule(layer)).__name__ != "CodebookAdapter"
 
 
 def test_keys_stop_at_the_edited_layer_and_equal_a_full_pass(family, backbone):

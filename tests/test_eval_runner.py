@@ -4,6 +4,7 @@ when it has been trained)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from editor.eval.cases import load_cases, write_cases
 from editor.eval.easyvqa import BuildConfig, build_case_files
 from editor.eval.readout import Readout
 from editor.eval.runner import run_eval
+from editor.fact import normalise_answer
 from kb_daemon.eval_command import eval_command
 
 SMALL = BuildConfig(
@@ -134,25 +136,95 @@ def test_only_the_fact_reaches_the_method_and_no_edit_means_full_locality(case_f
     assert report["exact"]["loc"] == 100.0 and report["token"]["loc"] == 100.0
 
 
+KIND_OF_METRIC = {"acc": "reliability", "t_gen": "t_gen", "i_gen": "i_gen", "loc": "loc"}
+
+
+def check_scores(report: dict, cases_path: Path) -> None:
+    """Every probe's score follows from its prediction, and every metric from the probes' scores."""
+    cases = {c.case_id: c for c in load_cases(cases_path)}
+    assert [c["id"] for c in report["cases"]] == list(cases)[: report["num_cases"]]
+    for case in report["cases"]:
+        for probe in case["probes"]:
+            assert probe["exact"] == (normalise_answer(probe["prediction"]) == normalise_answer(probe["target"]))
+            assert 0.0 <= probe["token"] <= 1.0, probe
+            if probe["kind"] != "loc":  # edit probes are scored against the new answer
+                assert probe["target"] == cases[case["id"]].fact.answer
+    for flavour in ("exact", "token"):
+        metrics = report[flavour]
+        for metric, kind in KIND_OF_METRIC.items():
+            per_case = [statistics.fmean(float(p[flavour]) for p in c["probes"] if p["kind"] == kind)
+                        for c in report["cases"]]
+            assert metrics[metric] == pytest.approx(100.0 * statistics.fmean(per_case)), (flavour, metric)
+            assert 0.0 <= metrics[metric] <= 100.0
+        parts = [metrics["t_gen"], metrics["i_gen"], metrics["loc"]]
+        expected_hm = 0.0 if min(parts) == 0 else 3 / sum(1 / v for v in parts)
+        assert metrics["hm"] == pytest.approx(expected_hm), flavour
+
+
+def scored_probes(report: dict) -> list[list[tuple]]:
+    return [[(p["kind"], p["prediction"], p["exact"], p["token"]) for p in case["probes"]]
+            for case in report["cases"]]
+
+
 @pytest.mark.parametrize("method", ["balancedit", "grace", "ft", "ike", "mend"])
 def test_each_method_applies_and_answers(case_file, backbone, method):
     before = weights(backbone)
-    report = run_eval(case_file, method, False, backbone, hparams=TINY_HPARAMS[method], limit=2)
-    assert report["method"] == method and report["num_cases"] == 2
+    hparams = TINY_HPARAMS[method]
+    report = run_eval(case_file, method, False, backbone, hparams=hparams, limit=2)
+    assert report["method"] == method and report["num_cases"] == 2 and len(report["cases"]) == 2
     for case in report["cases"]:
         assert case["apply"]["seconds"] > 0 or method == "ike"
         kinds = {probe["kind"] for probe in case["probes"]}
         assert kinds == {"reliability", "t_gen", "i_gen", "loc"}
         assert all(isinstance(probe["prediction"], str) for probe in case["probes"])
-    assert report["exact"]["acc"] is not None and report["token"]["hm"] is not None
+    check_scores(report, case_file)
+    applied = [case["apply"] for case in report["cases"]]
     if method == "balancedit":
         assert report["exact"]["acc"] == 100.0
         assert all("radius" in probe for case in report["cases"] for probe in case["probes"])
+    if method == "ft":
+        # Adam on the layer's weight for exactly max_steps (no loss threshold): the answer's loss
+        # falls and the weight moves.
+        for result in applied:
+            assert result["steps"] == hparams["max_steps"]
+            assert result["last_loss"] < result["first_loss"] and result["weight_change_norm"] > 0
+    if method == "ike":
+        # Independent mode: the new fact alone in memory, with num_demos demonstrations, no training.
+        assert 0 < report["setup"]["demo_sources"] <= hparams["num_demo_edits"]
+        assert all(result["facts_in_memory"] == 1 for result in applied)
+        assert all(result["demos"] == min(report["hparams"]["num_demos"], report["setup"]["demo_sources"])
+                   for result in applied)
     if method == "mend":
-        assert report["setup"]["training_steps"] == 6 and report["setup"]["training_seconds"] > 0
+        setup = report["setup"]
+        assert setup["training_steps"] == 6 and setup["training_seconds"] > 0
+        assert setup["training_edits"] == hparams["num_train_edits"]
+        assert all(result["update_norm"] > 0 and result["positions"] > 0 for result in applied)
     # Whatever the method did, the backbone is as it was: no adapter left, weights bit-identical.
     assert not any(isinstance(m, CodebookAdapter) for m in backbone.model.modules())
     assert same_weights(before, backbone)
+
+
+def test_ft_cases_are_independent(case_file, backbone, tmp_path):
+    """Independent mode: reset restores the weight, so the second case scores the same alone as it
+    does after the first, prediction for prediction."""
+    both = run_eval(case_file, "ft", False, backbone, hparams=TINY_HPARAMS["ft"], limit=2)
+    second = write_cases(load_cases(case_file)[1:2], case_file.parent / "second-case-only.jsonl")
+    alone = run_eval(second, "ft", False, backbone, hparams=TINY_HPARAMS["ft"])
+    assert scored_probes(alone) == scored_probes(both)[1:]
+    assert [c["apply"]["last_loss"] for c in alone["cases"]] == [both["cases"][1]["apply"]["last_loss"]]
+
+
+@pytest.mark.parametrize("method", ["ike", "mend"])
+def test_seeded_methods_are_deterministic(case_file, method):
+    """Same seed, same cases, a fresh copy of the same model: the same demonstrations or the same
+    trained hypernetwork, hence the same predictions and scores."""
+    first, again = (run_eval(case_file, method, False, build("llava-llama"), hparams=TINY_HPARAMS[method],
+                             limit=1) for _ in range(2))
+    assert scored_probes(first) == scored_probes(again)
+    assert (first["exact"], first["token"]) == (again["exact"], again["token"])
+    timeless = ("seconds", "training_seconds")
+    assert ({k: v for k, v in first["setup"].items() if k not in timeless}
+            == {k: v for k, v in again["setup"].items() if k not in timeless})
 
 
 def test_cli_runs_on_a_model_directory(case_file, backbone, tmp_path):
@@ -202,7 +274,7 @@ def test_balancedit_on_the_demo_model(tmp_path):
     write_cases(picked, tmp_path / "two.jsonl")
     report = run_eval(tmp_path / "two.jsonl", "balancedit", False, "demo", hparams={"pool_size": 60})
     assert report["exact"]["acc"] == 100.0
-    assert report["exact"]["loc"] is not None and report["token"]["loc"] is not None
+    check_scores(report, tmp_path / "two.jsonl")
 
 
 def test_the_edited_layer_is_a_hyperparameter(case_file, backbone):
