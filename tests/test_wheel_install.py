@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the wheel takes about 5 s to build; the daemon test loads the model twice
+
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = "what shape is in the image?"
 # What a clean checkout does not hold: build outputs, caches, environments, data directories.
@@ -100,7 +102,6 @@ def test_wheel_holds_every_module_and_the_files_read_at_run_time(wheel):
     assert not source_files, f"not part of the installed packages: {source_files}"
 
 
-@pytest.mark.slow
 def test_wheel_runs_the_daemon_outside_the_repository(wheel, tmp_path):
     venv = make_venv(tmp_path, wheel)
     python, kbctl = venv / "bin" / "python", venv / "bin" / "kbctl"
