@@ -13,6 +13,8 @@ from PIL import Image
 from tiny_models import image, save
 
 Q = "what shape is it?"
+# Random tiny models never emit end-of-sequence: cap generation so the one edit stays cheap.
+FAST = ("--hparam", "max_steps=3", "--hparam", "max_new_tokens=8", "--hparam", "max_answer_tokens=8")
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +30,26 @@ def setup(tmp_path_factory):
     d = Daemon(root / "home")
     d.kbctl("init")
     d.kbctl("model", "add", "tiny", str(root / "model"))
-    d.kbctl("model", "add", "other", str(root / "model"))
-    d.kbctl("--model", "other", "submit-fact", "--image", str(root / "good.png"), "--question", Q,
-            "--answer", "x")
+    # A second model with a version 1 and a fact of its own, applied by a real worker: the model
+    # scoping cases below ask model tiny (at version 0) for them.
+    other = Daemon(root / "home", model="other")
+    other.kbctl("model", "add", "other", str(root / "model"), *FAST)
+    other.start_worker("worker")
+    try:
+        applied = other.kbctl("submit-fact", "--image", str(root / "good.png"), "--question", Q, "--answer", "x",
+                              "--wait", "--timeout", "120", "--json")
+    finally:
+        assert [code for _, code in other.stop_workers()] == [0], other.logs(tail=3000)
+    assert applied["version"] == 1
+    assert other.kbctl("show", "1", "--json")["added"] == [applied["fact_id"]]
+    assert other.kbctl("ask", "--image", str(root / "good.png"), "--question", Q, "--version", "1",
+                       "--json") == {"answer": "x", "version": 1, "fact_id": applied["fact_id"]}
     source = root / "source"
     source.mkdir()
     (source / "good.png").write_bytes(png)
     (root / "outside.png").write_bytes(png)
     os.symlink(root / "outside.png", source / "link.png")
-    return root, d
+    return root, d, applied["fact_id"]
 
 
 def counts(d: Daemon) -> dict[str, int]:
@@ -80,8 +93,15 @@ CASES = {
     "unknown model": (["--model", "nope", "submit-fact", "--image", "{root}/good.png", "--question", Q,
                        "--answer", "a"], "Error: unknown model 'nope' (registered: demo, other, tiny)"),
     "rollback to a missing version": (["rollback", "99"], "Error: model 'tiny' has no version 99 (versions 0..0)"),
+    # Model `other` has a version 1 and a fact; model tiny has neither.
     "rollback to another model's version": (["rollback", "1"],
                                             "Error: model 'tiny' has no version 1 (versions 0..0)"),
+    "show another model's version": (["show", "1"], "Error: model 'tiny' has no version 1 (versions 0..0)"),
+    "ask at another model's version": (["ask", "--image", "{root}/good.png", "--question", Q, "--version", "1"],
+                                       "Error: model 'tiny' has no version 1 (versions 0..0)"),
+    "export another model's version": (["export", "1", "{root}/export"],
+                                       "Error: model 'tiny' has no version 1 (versions 0..0)"),
+    "retract another model's fact": (["retract", "{other_fact}"], "Error: model 'tiny' has no fact '{other_fact}'"),
     "retract unknown fact": (["retract", "f-0000000000000000"],
                              "Error: model 'tiny' has no fact 'f-0000000000000000'"),
     "malformed source line": (["ingest", "@malformed.jsonl"], "Error: {root}/source/malformed.jsonl:2: malformed JSON"),
@@ -100,18 +120,19 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_cleanly(setup, case):
-    root, d = setup
+    root, d, other_fact = setup
     (root / "source" / "malformed.jsonl").write_text(good_line() + "\n{not json\n")
     source_file(root, "duplicate.jsonl", [good_line("a"), good_line("a")])
     source_file(root, "escape.jsonl", [good_line("a", "../../etc/passwd")])
     source_file(root, "symlink.jsonl", [good_line("a", "link.png")])
     (root / "source" / "latin1.jsonl").write_bytes(good_line().encode() + b'\n{"question": "caf\xe9"}\n')
     args, expected = CASES[case]
-    args = [a.replace("{root}", str(root)) for a in args]
+    args = [a.replace("{root}", str(root)).replace("{other_fact}", other_fact) for a in args]
     args = [str(root / "source" / a[1:]) if a.startswith("@") else a for a in args]
-    expected = expected.replace("{root}", str(root))
+    expected = expected.replace("{root}", str(root)).replace("{other_fact}", other_fact)
     before = counts(d)
     result = d.kbctl(*args, expect=1)
     assert result.stderr.startswith(expected), result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
     assert counts(d) == before
+    assert not (root / "export").exists()
