@@ -461,7 +461,7 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
             + f"{result.retract} to retract" + (f" from {result.source}" if sync else "") + "; "
             + (f"batch job {result.job_id}" if result.job_id else "nothing to do"))
     outcome = result.outcome
-    if outcome is not None and outcome.status == "held":
+    if outcome is not None and outcome.held:
         text += f"; version {outcome.version} HELD: canaries changed ({(outcome.canaries or {}).get('changed')})"
     elif outcome is not None:
         text += f"; version {outcome.version}"
@@ -472,7 +472,7 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
             echo(f"  skipped {item['where']}: fact {item['fact_id']} {item['reason']}")
 
     emit(as_json, result.as_dict(), lines)
-    if outcome is not None and outcome.status == "held":
+    if outcome is not None and outcome.held:
         raise click.exceptions.Exit(EXIT_HELD)
 
 
@@ -555,14 +555,32 @@ def jobs(state: State, limit: int, as_json: bool) -> None:
 @model_option
 @pass_state
 def status(state: State, as_json: bool) -> None:
-    """Queue depth, running job and its age, head version, last worker seen.
+    """Head version, queue depth, the running job (age, progress, lease) and the last worker seen.
+
+    A running job whose lease lapsed means its worker died or hangs: status says so and when the
+    reaper hands the job out again.
 
     \b
     Example:
         kbctl status
     """
-    data = state.service.status(state.model).as_dict()
-    emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    result = state.service.status(state.model)
+    lines = [f"model: {result.model}", f"head version: {result.head_version}", f"queue depth: {result.queue_depth}"]
+    if result.running_job is None:
+        lines.append("running: nothing")
+    else:
+        done, total = result.running_progress or (0, 0)
+        lines.append(f"running: job {result.running_job} for {result.running_seconds} s"
+                     + (f", {done}/{total} facts" if total else "") + f", held by {result.lease_owner}")
+        if result.worker_lost and result.retry_at is not None:
+            lines.append(f"worker lost: its lease lapsed {-(result.lease_expires_in_seconds or 0)} s ago; "
+                         f"the job will be retried at {result.retry_at.astimezone().strftime('%H:%M:%S')}")
+        else:
+            lines.append(f"lease: renewed, expires in {result.lease_expires_in_seconds} s")
+    seen = result.last_worker_seen_seconds_ago
+    lines.append(f"last worker: {result.last_worker or 'none yet'}"
+                 + (f", seen {seen} s ago" if seen is not None else ""))
+    emit(as_json, result.as_dict(), "\n".join(lines))
 
 
 @cli.command()

@@ -22,12 +22,14 @@ from sqlalchemy import select
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
 from kb_daemon.errors import InvalidInput
-from kb_daemon.models import Fact
+from kb_daemon.models import Fact, FactStatus
 from kb_daemon.queue import FactInput, enqueue, get_model, read_image, record_fact
 
 SOURCE_SUFFIXES = (".jsonl", ".csv")
-ACTIVE = ("applied", "held", "pending")  # a fact that is, or is about to be, in the knowledge
-REMOVED = ("retracted", "rolled_back")  # taken out on purpose: an unchanged line does not bring it back
+# A fact that is, or is about to be, in the knowledge; one taken out on purpose, which an unchanged
+# line does not bring back.
+ACTIVE = (FactStatus.APPLIED.value, FactStatus.HELD.value, FactStatus.PENDING.value)
+REMOVED = (FactStatus.RETRACTED.value, FactStatus.ROLLED_BACK.value)
 CSV_LIST_COLUMNS = ("rephrases", "negative_images", "negative_questions")
 EDIT_CASE_KEYS = frozenset({"id", "scope", "fact", "reliability", "t_gen", "i_gen", "loc", "meta", "key"})
 
@@ -242,13 +244,13 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
                 skipped.append({"key": item.key, "fact_id": last.id, "where": item.where,
                                 "reason": f"{last.status.replace('_', ' ')} at version {last.left_version}; "
                                           "change the line to apply it again"})
-            elif last is not None and last.status == "failed":
+            elif last is not None and last.status == FactStatus.FAILED.value:
                 retried.append(item)
             else:
                 new.append(item)
         keys = {item.key for item in parsed}
         retract = [f.id for k, f in active.items()
-                   if sync and k not in keys and f.status == "applied" and f.source == label]
+                   if sync and k not in keys and f.status == FactStatus.APPLIED.value and f.source == label]
         fact_ids = [record_fact(session, model, item.fact, actor=actor, source=label).id
                     for item in new + changed + retried]
         job_id = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from kb_daemon.config import DEFAULT_MODEL, Settings, redact
 from kb_daemon.db import Database
 from kb_daemon.errors import InvalidInput, KbError
-from kb_daemon.models import Fact, Job, Model, Version, as_utc, utcnow
+from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, Version, as_utc, utcnow
 from kb_daemon.queue import FactInput
 
 DEMO_REFERENCE_POOL = "easy-vqa"
@@ -104,9 +104,13 @@ class JobOutcome(Result):
     version: int | None
     canaries: dict[str, Any] | None = None
 
+    @property
+    def held(self) -> bool:
+        return self.status == JobStatus.HELD.value
+
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": self.version, "status": self.status}
-        if self.status == "held":
+        if self.status == JobStatus.HELD.value:
             data["canaries"] = self.canaries
         return data
 
@@ -172,8 +176,18 @@ class ModelStatus(Result):
     queue_depth: int
     running_job: int | None
     running_seconds: float | None
+    running_progress: tuple[int, int] | None  # (done, total) facts of the running job
+    lease_owner: str | None  # the worker holding the running job
+    lease_expires_in_seconds: float | None  # negative: the lease lapsed
+    worker_lost: bool  # the running job's lease lapsed: its worker stopped renewing it
+    retry_at: datetime | None  # when the reaper hands a lost job out again, at the latest
     last_worker: str | None
-    last_worker_seen_seconds_ago: float | None
+    last_worker_seen_seconds_ago: float | None  # a claim or a lease renewal, whichever was last
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["running_progress"] = list(self.running_progress) if self.running_progress else None
+        return data
 
 
 @dataclass(frozen=True)
@@ -395,7 +409,7 @@ class Service:
         with self.checked_db().session() as session:
             row = _model(session, model)
             fact = get_fact(session, row, fact_id)
-            if fact.status != "applied":
+            if fact.status != FactStatus.APPLIED.value:
                 raise InvalidInput(f"fact {fact_id} is {fact.status}, not applied; nothing to retract")
             job = enqueue(session, row, "retract", {"fact_id": fact_id}, actor=actor, source=source)
             queued = Queued(job.id, fact_id=fact_id)
@@ -449,9 +463,9 @@ class Service:
                 done, total = job.progress_done, job.progress_total
             if progress is not None and total:
                 progress(done, total)
-            if status in ("done", "held"):
+            if status in (JobStatus.DONE.value, JobStatus.HELD.value):
                 return JobOutcome(status, result.get("version"), result.get("canaries"))
-            if status == "failed":
+            if status == JobStatus.FAILED.value:
                 raise KbError(f"job {job_id} failed: {error}")
             if time.monotonic() > deadline:
                 raise KbError(f"timed out after {timeout_seconds:.0f} s waiting for job {job_id} ({status}); "
@@ -476,13 +490,19 @@ class Service:
 
         with self.checked_db().session() as session:
             row = _model(session, model)
-            running = session.execute(select(Job).where(Job.model_id == row.id, Job.status == "running")
+            running = session.execute(select(Job).where(Job.model_id == row.id, Job.status == JobStatus.RUNNING.value)
                                       .order_by(Job.seq).limit(1)).scalar_one_or_none()
             now = utcnow()
+            expires = as_utc(running.lease_expires_at) if running is not None else None
+            expires_in = round((expires - now).total_seconds(), 1) if expires is not None else None
+            lost = expires_in is not None and expires_in < 0
             return ModelStatus(
                 row.name, row.head_version, queue_depth(session, row),
                 running.id if running else None,
                 _seconds_since(now, running.started_at) if running else None,
+                (running.progress_done, running.progress_total) if running else None,
+                running.lease_owner if running else None, expires_in, lost,
+                expires + timedelta(seconds=self.settings.reaper_seconds) if lost and expires else None,
                 row.last_worker, _seconds_since(now, row.last_worker_seen_at),
             )
 
