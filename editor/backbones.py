@@ -25,10 +25,9 @@ from torch import nn
 
 from editor.errors import EditorError, InvalidFactError, UnsupportedBackboneError
 from editor.fact import ImageInput
+from editor.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_image_file
 
 BACKBONE_FILE = "kb_backbone.json"
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -197,31 +196,17 @@ class Batch:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """Open and validate an image (size, format, pixel count) and return it as RGB."""
+    """Open and validate an image (size, pixel count, a complete file) and return it as RGB."""
     if isinstance(image, Image.Image):
         if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise InvalidFactError(f"image of {image.width}x{image.height} pixels exceeds the limit")
+            raise InvalidFactError(
+                f"image of {image.width}x{image.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS:,}"
+            )
         return image.convert("RGB")
     if image is None:
         raise InvalidFactError("an image is required for this model")
-    path = Path(image)
-    if not path.is_file():
-        raise InvalidFactError(f"image {str(path)!r} does not exist or is not a file")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise InvalidFactError(f"image {str(path)!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
-    try:
-        with Image.open(path) as opened:
-            if opened.width * opened.height > MAX_IMAGE_PIXELS:
-                raise InvalidFactError(
-                    f"image {str(path)!r} has {opened.width}x{opened.height} pixels; "
-                    f"the limit is {MAX_IMAGE_PIXELS:,}"
-                )
-            opened.load()
-            return opened.convert("RGB")
-    except InvalidFactError:
-        raise
-    except (OSError, Image.DecompressionBombError, ValueError) as exc:
-        raise InvalidFactError(f"image {str(path)!r} cannot be read: {exc}") from exc
+    _, opened = read_image_file(image, max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS)
+    return opened.convert("RGB")
 
 
 def image_bytes(image: Image.Image | None) -> bytes | None:

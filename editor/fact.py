@@ -15,6 +15,8 @@ ImageInput = Image.Image | str | Path | None
 
 MAX_QUESTION_CHARS = 2_000
 MAX_ANSWER_CHARS = 500
+# Bidirectional embeddings, overrides (U+202A-U+202E) and isolates (U+2066-U+2069).
+_BIDIRECTIONAL_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
 
 
 def normalise_answer(answer: str) -> str:
@@ -24,17 +26,43 @@ def normalise_answer(answer: str) -> str:
 
 
 def clean_text(value: str, what: str, max_chars: int) -> str:
-    """Strip and validate a question or an answer; raise `InvalidFactError` naming the problem."""
+    """The one cleaning of a question, answer or rephrasing, for the editor and the daemon alike.
+
+    NFC-normalises, collapses each run of white space to one space and strips the ends; refuses
+    an empty result, a result over `max_chars` characters, and text holding characters that a
+    prompt must not carry: control characters (C0, DEL, C1; the white-space ones such as tab
+    and newline are collapsed, not refused), bidirectional overrides and isolates (which can make
+    the displayed text differ from the text the model reads) and lone surrogates (which cannot be
+    encoded as UTF-8). Raises `InvalidFactError` naming `what`, the problem and, for a refused
+    character, its position (0-based) in `value` as given.
+    """
     if not isinstance(value, str):
         raise InvalidFactError(f"{what} must be a string, got {type(value).__name__}")
-    text = unicodedata.normalize("NFC", value).strip()
+    text = " ".join(unicodedata.normalize("NFC", value).split())
     if not text:
         raise InvalidFactError(f"{what} is empty; give a non-blank {what}")
     if len(text) > max_chars:
         raise InvalidFactError(
             f"{what} is {len(text):,} characters long; the limit is {max_chars:,}"
         )
+    for position, char in enumerate(value):
+        kind = _refused_kind(char)
+        if kind is not None:
+            raise InvalidFactError(
+                f"{what} contains the {kind} U+{ord(char):04X} at position {position}; remove it"
+            )
     return text
+
+
+def _refused_kind(char: str) -> str | None:
+    """What `clean_text` calls a character it refuses, or None for one it keeps."""
+    if char in _BIDIRECTIONAL_CONTROLS:
+        return "bidirectional control character"
+    if "\ud800" <= char <= "\udfff":
+        return "lone surrogate"
+    if unicodedata.category(char) == "Cc" and not char.isspace():
+        return "control character"
+    return None
 
 
 @dataclass(frozen=True)
