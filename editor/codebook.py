@@ -1,13 +1,12 @@
 """The codebook: keys, per-step values, radii and the facts they came from, with exact round trips.
 
-Serialised as safetensors bytes (no pickle) with a JSON header in the safetensors metadata:
-format version, model id, edited layer, layer shape, distance and hyperparameters, plus one record
-per entry (fact id, normalised answer, input fingerprint, base radius).
+Serialised (`editor.serialization`) as safetensors bytes (no pickle) with a JSON header: format
+version, model id, edited layer, layer shape, distance and hyperparameters, plus one record per
+entry (fact id, normalised answer, input fingerprint); the base radii are a tensor.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from array import array
 from collections.abc import Sequence
@@ -15,16 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.numpy import save as _save_numpy
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as _save_torch
 
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
 from editor.radius import arrive, resolve_overlaps
-
-FORMAT_VERSION = 1
-FORMAT_NAME = "kb-daemon-codebook"
+from editor.serialization import pack, save_tensors, unpack
 
 
 @dataclass(frozen=True)
@@ -78,9 +73,9 @@ class Codebook:
     Every tensor is held once, in two stores: `keys` is the first N rows of the key store, and
     each entry's values are a run of rows of the value store. Per entry the codebook keeps only a
     small record (ids, answer, base radius, the offset and length of its value rows); `entry(i)`
-    and `entries` hand out `Entry` objects whose tensors are views of the stores, made on demand.
-    (Two views kept per entry, with the normalised key copy the cosine lookup used to keep, made a
-    300-fact batch grow a worker by 5.4 MiB instead of 4.2 for 2.3 MiB of tensors.)
+    and `entries` hand out `Entry` objects whose tensors are views of the stores, made on demand,
+    because views kept per entry cost a long-lived worker more memory than the tensors themselves
+    (see docs/decisions.md). The cosine lookup normalises queries, not a copy of the keys.
     Appending writes into spare capacity that grows geometrically, so an added entry copies O(1)
     rows on average instead of the whole (N, Din) matrix, and the codebook is two large blocks of
     memory, not two small blocks per entry scattered among a long-lived worker's other allocations.
@@ -89,9 +84,9 @@ class Codebook:
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
     radii: torch.Tensor  # (N,) effective radii
     # Entry i's answer as a small integer (equal answers, equal codes), for the overlap rule; kept
-    # as the entries arrive instead of rebuilt as N Python ints on every add. Which entries cut
-    # which is not kept: `add` reports the new entry's cuts, and a history of every cut grew with
-    # the square of a batch of mutually overlapping facts (~100,000 pairs for 1,000 of them).
+    # up to date as entries arrive, so that `add` needs no pass over the N answers. Which entries
+    # cut which is not kept: `add` reports the new entry's cuts, and a history of every cut would
+    # grow with the square of a batch of mutually overlapping facts.
     _codes: array[int]
     _code_of: dict[str, int]
 
@@ -217,8 +212,8 @@ class Codebook:
         n, row, length = len(self._records), self._value_rows, int(values.shape[0])
         if n + 1 > self._key_store.shape[0] or row + length > self._value_store.shape[0]:
             # Grow by a quarter (at least 16 entries' worth): at most 20% of a store is spare, and
-            # the rows copied over a run of appends stay linear in N (a matrix rebuilt per added
-            # entry copied N^2 / 2 rows and left freed blocks of every size behind).
+            # the rows copied over a run of appends stay linear in N (rebuilding the matrix per added
+            # entry would copy N^2 / 2 rows and leave freed blocks of every size behind).
             keys = self._key_store.new_empty(max(n + 16, n + n // 4 + 1), self.spec.input_size)
             keys[:n] = self.keys
             values_store = self._value_store.new_empty(max(row + 16 * length, row + row // 4 + length),
@@ -367,8 +362,6 @@ class Codebook:
             "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
         }
         header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
             "spec": {
                 "model_id": self.spec.model_id,
                 "layer": self.spec.layer,
@@ -381,23 +374,12 @@ class Codebook:
                 {"fact_id": r.fact_id, "answer": r.answer, "input_id": r.input_id} for r in self._records
             ],
         }
-        return save_tensors(tensors, metadata={"kb_codebook": json.dumps(header, sort_keys=True)})
+        return pack(tensors, header)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Codebook:
         """Inverse of `to_bytes`. Foreign or damaged bytes raise `IncompatibleCodebookError`."""
-        try:
-            tensors = load_safetensors(data)
-            header = json.loads(_safetensors_metadata(data)["kb_codebook"])
-        except IncompatibleCodebookError:
-            raise
-        except Exception as exc:  # safetensors raises several types for damaged input
-            raise IncompatibleCodebookError(f"not a kb-daemon codebook: {exc}") from exc
-        if header.get("format") != FORMAT_NAME or header.get("format_version") != FORMAT_VERSION:
-            raise IncompatibleCodebookError(
-                f"codebook format {header.get('format')!r} version {header.get('format_version')!r} "
-                f"is not supported; this editor reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
-            )
+        header, tensors = unpack(data)
         spec = CodebookSpec(**header["spec"])
         records = header["entries"]
         lengths = tensors["value_lengths"].tolist()
@@ -411,37 +393,6 @@ class Codebook:
             for i, r in enumerate(records)
         ]
         return cls(spec, header.get("hparams", {}), entries)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """safetensors bytes of tensors (made contiguous here): byte for byte what `safetensors.torch.save` writes.
-
-    `safetensors.torch.save` (0.8) reads each tensor through `numpy.ctypeslib.as_array`, which makes
-    a ctypes array type per distinct byte length, and ctypes keeps every such type for the life of
-    the process: 3,000 saves of distinct sizes left RSS 17 MiB higher (about 5.8 KB per size).
-    A codebook has a new size every time it grows, so a process that saves it after each edit
-    would leak at every save. Handing numpy views to `safetensors.numpy.save` makes no types; only
-    dtypes numpy lacks (bfloat16, float8) still go through `safetensors.torch.save`.
-    """
-    dense = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
-    try:
-        arrays = {name: tensor.numpy() for name, tensor in dense.items()}
-    except TypeError:  # a dtype numpy does not have, or a tensor off the CPU
-        return _save_torch(dense, metadata=metadata)
-    return _save_numpy(arrays, metadata=metadata)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """Read the metadata block of safetensors bytes (8-byte little-endian length, then JSON)."""
-    if len(data) < 8:
-        raise IncompatibleCodebookError("codebook bytes are truncated")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise IncompatibleCodebookError("codebook header is truncated")
-    meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-    if "kb_codebook" not in meta:
-        raise IncompatibleCodebookError("safetensors bytes carry no kb-daemon codebook header")
-    return meta
 
 
 def entry_tensors_to_bytes(entry: Entry) -> bytes:
