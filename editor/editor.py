@@ -5,21 +5,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from editor.adapter import CodebookAdapter, KeysCaptured, Mode, install, layer_sizes, uninstall
-from editor.backbones import Backbone, Query, image_bytes
+from editor.backbones import Backbone, Batch, Query, image_bytes
 from editor.codebook import Codebook, CodebookSpec, Entry
 from editor.config import EditConfig
 from editor.errors import EditorError, InvalidFactError
 from editor.fact import EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
 from editor.radius import choose_radius, pairwise_distances
 from editor.samples import Paraphraser, ReferenceItem, TemplateParaphraser, black_image, distinct_questions
-from editor.training import capture, train_value
+from editor.training import CapturedSuffix, TrainResult, capture, train_value
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,25 @@ class Answer:
     text: str
     fact_id: str | None
     distance: float | None
+
+
+@dataclass(frozen=True)
+class _TrainingSample:
+    """What the capture pass over a fact's training rows gives the later phases of `apply`."""
+
+    batch: Batch  # the fact's input, then its positives when train_on_rephrases
+    suffix: CapturedSuffix  # inputs of the edited decoder layer onwards, for the optimisation
+    key: torch.Tensor  # (Din,) the fact's key
+    positive_keys: torch.Tensor  # (P, Din)
+    warm_values: torch.Tensor  # (L, Dout) the layer's own outputs at the answer steps
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Record the seconds the block takes under `timings[phase]` (when it completes)."""
+    tick = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - tick
 
 
 @dataclass
@@ -152,80 +172,32 @@ class Editor:
 
     # ----- edits ----------------------------------------------------------------------------
     def apply(self, fact: Fact) -> EditReport:
-        """Add `fact` as a codebook entry: keys, radius, value, overlap rules. See the README."""
+        """Add `fact` as a codebook entry: keys, radius, value, overlap rules. See the README.
+
+        The phases, each timed in `EditReport.timings`: the training rows' capture pass (the
+        fact's key, its positives' keys), the unedited answer, the negatives' keys (given and
+        hard), the radius, the value optimisation, and the codebook's overlap rules.
+        """
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        config = self.config
-        query = self.backbone.query(fact.image, fact.question)
-        input_id = input_fingerprint(image_bytes(query.image), fact.question)
-        fact_id = fact.fact_id or "f-" + hashlib.sha256(
-            f"{input_id}\x00{normalise_answer(fact.answer)}".encode()).hexdigest()[:16]
-        target_length = len(self.backbone.answer_ids(fact.answer))
-        if target_length > config.max_answer_tokens:
-            raise InvalidFactError(
-                f"answer is {target_length} tokens long; the limit is {config.max_answer_tokens} "
-                "(raise max_answer_tokens to allow longer answers)"
-            )
-        balanced = config.method == "balancedit"
-
-        tick = time.perf_counter()
-        rephrases = list(fact.rephrases)
-        if balanced and not rephrases and config.num_paraphrases:
-            rephrases = self.paraphraser(fact.question, config.num_paraphrases)
-        positives = [Query(query.image, q) for q in rephrases] if balanced else []
-        train_rows = [query] + (positives if config.train_on_rephrases else [])
-        train_batch = self.backbone.encode(train_rows, [fact.answer] * len(train_rows))
-        suffix, state = capture(self.backbone, self.adapter, train_batch, self._first_decoder,
-                                record_steps=target_length)
-        assert state.keys is not None and state.recorded_outputs is not None
-        key = state.keys[0]  # (Din,)
-        positive_keys = state.keys[1:] if config.train_on_rephrases else self.keys(positives)
-        timings["prefix_forward"] = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        original, original_tokens = self._unedited_answer(query)
-        timings["original_answer"] = time.perf_counter() - tick
-
-        negative_keys = torch.zeros(0, self.spec.input_size)
-        hard_count = 0
-        if balanced:
-            tick = time.perf_counter()
-            negative_keys = self.keys(self._negative_queries(fact, query))
-            timings["negative_keys"] = time.perf_counter() - tick
-            tick = time.perf_counter()
-            hard = self._hard_negative_keys(key, query, original, original_tokens)
-            hard_count = hard.shape[0]
-            negative_keys = torch.cat([negative_keys, hard])
-            timings["hard_negatives"] = time.perf_counter() - tick
-
-        positive_distances = pairwise_distances(key[None], positive_keys, config.distance)[0] \
-            if len(positive_keys) else torch.zeros(0)
-        negative_distances = pairwise_distances(key[None], negative_keys, config.distance)[0] \
-            if len(negative_keys) else torch.zeros(0)
-        if balanced:
-            choice = choose_radius(positive_distances, negative_distances, config.alpha,
-                                   config.initial_radius)
-            radius, fallback = choice.radius, choice.fallback
-        else:
-            radius, fallback = config.initial_radius, None
+        query, input_id, fact_id, target_length = self._identify(fact)
+        with _timed(timings, "prefix_forward"):
+            sample = self._training_sample(fact, query, target_length)
+        with _timed(timings, "original_answer"):
+            original, original_tokens = self._unedited_answer(query)
+        negative_keys, hard_count = self._negative_keys(fact, query, sample.key, original,
+                                                        original_tokens, timings)
+        positive_distances = self._distances_to(sample.key, sample.positive_keys)
+        negative_distances = self._distances_to(sample.key, negative_keys)
+        radius, fallback = self._radius(positive_distances, negative_distances)
         if fallback:
             logger.warning("fact %s: %s", fact_id, fallback)
-
-        tick = time.perf_counter()
-        if config.value_init == "warm":
-            init = state.recorded_outputs[0]  # (L, Dout)
-        else:
-            generator = torch.Generator().manual_seed(config.seed)
-            init = torch.rand(target_length, self.spec.output_size, generator=generator)
-        trained = train_value(self.backbone, self.adapter, train_batch, suffix, init,
-                              config.lr, config.max_steps, config.early_stop,
-                              config.stop_margin)
-        timings["optimisation"] = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        entry = Entry(fact_id, normalise_answer(fact.answer), input_id, key, trained.values, radius)
-        superseded, split = self.codebook.add(entry)
-        timings["bookkeeping"] = time.perf_counter() - tick
+        with _timed(timings, "optimisation"):
+            trained = self._train_values(sample, target_length)
+        with _timed(timings, "bookkeeping"):
+            entry = Entry(fact_id, normalise_answer(fact.answer), input_id, sample.key, trained.values,
+                          radius)
+            superseded, split = self.codebook.add(entry)
         return EditReport(
             fact_id=fact_id,
             answer=fact.answer,
@@ -242,6 +214,78 @@ class Editor:
             num_hard_negatives=hard_count,
             timings=timings,
         )
+
+    def _identify(self, fact: Fact) -> tuple[Query, str, str, int]:
+        """The fact's query, input fingerprint, fact id and answer length in tokens (checked
+        against `max_answer_tokens`)."""
+        query = self.backbone.query(fact.image, fact.question)
+        input_id = input_fingerprint(image_bytes(query.image), fact.question)
+        fact_id = fact.fact_id or "f-" + hashlib.sha256(
+            f"{input_id}\x00{normalise_answer(fact.answer)}".encode()).hexdigest()[:16]
+        target_length = len(self.backbone.answer_ids(fact.answer))
+        if target_length > self.config.max_answer_tokens:
+            raise InvalidFactError(
+                f"answer is {target_length} tokens long; the limit is {self.config.max_answer_tokens} "
+                "(raise max_answer_tokens to allow longer answers)"
+            )
+        return query, input_id, fact_id, target_length
+
+    def _training_sample(self, fact: Fact, query: Query, target_length: int) -> _TrainingSample:
+        """Positives (given or paraphrased rephrasings, BalancEdit only), the training rows, and
+        one capture pass over them that yields the keys and what the optimisation reruns."""
+        config = self.config
+        balanced = config.method == "balancedit"
+        rephrases = list(fact.rephrases)
+        if balanced and not rephrases and config.num_paraphrases:
+            rephrases = self.paraphraser(fact.question, config.num_paraphrases)
+        positives = [Query(query.image, q) for q in rephrases] if balanced else []
+        train_rows = [query] + (positives if config.train_on_rephrases else [])
+        train_batch = self.backbone.encode(train_rows, [fact.answer] * len(train_rows))
+        suffix, state = capture(self.backbone, self.adapter, train_batch, self._first_decoder,
+                                record_steps=target_length)
+        assert state.keys is not None and state.recorded_outputs is not None
+        positive_keys = state.keys[1:] if config.train_on_rephrases else self.keys(positives)
+        return _TrainingSample(train_batch, suffix, state.keys[0], positive_keys,
+                               state.recorded_outputs[0])
+
+    def _negative_keys(self, fact: Fact, query: Query, key: torch.Tensor, original: str,
+                       original_tokens: Sequence[int], timings: dict[str, float]) -> tuple[torch.Tensor, int]:
+        """BalancEdit's negatives: the given ones and the black image, then the hard negatives.
+        -> (keys (M, Din), how many of them are hard negatives). GRACE has none."""
+        if self.config.method != "balancedit":
+            return torch.zeros(0, self.spec.input_size), 0
+        with _timed(timings, "negative_keys"):
+            given = self.keys(self._negative_queries(fact, query))
+        with _timed(timings, "hard_negatives"):
+            hard = self._hard_negative_keys(key, query, original, original_tokens)
+            keys = torch.cat([given, hard])
+        return keys, hard.shape[0]
+
+    def _distances_to(self, key: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Distance of each row of `keys` (M, Din) to `key` (Din,). -> (M,)"""
+        if not len(keys):
+            return torch.zeros(0)
+        return pairwise_distances(key[None], keys, self.config.distance)[0]
+
+    def _radius(self, positive_distances: torch.Tensor,
+                negative_distances: torch.Tensor) -> tuple[float, str | None]:
+        """BalancEdit's radius from the samples (and why it fell back, if it did); GRACE's fixed one."""
+        config = self.config
+        if config.method != "balancedit":
+            return config.initial_radius, None
+        choice = choose_radius(positive_distances, negative_distances, config.alpha, config.initial_radius)
+        return choice.radius, choice.fallback
+
+    def _train_values(self, sample: _TrainingSample, target_length: int) -> TrainResult:
+        """The entry's values, started from the layer's own outputs (warm) or seeded noise (cold)."""
+        config = self.config
+        if config.value_init == "warm":
+            init = sample.warm_values
+        else:
+            generator = torch.Generator().manual_seed(config.seed)
+            init = torch.rand(target_length, self.spec.output_size, generator=generator)
+        return train_value(self.backbone, self.adapter, sample.batch, sample.suffix, init,
+                           config.lr, config.max_steps, config.early_stop, config.stop_margin)
 
     def retract(self, fact_id: str) -> None:
         """Remove a fact's entry; radii it cut get back what they had without it."""
