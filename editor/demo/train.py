@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -690,27 +691,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning made steps
-    # 2.5x slower (measured 5.0 s vs 2.0 s per step next to another busy process). Must precede torch.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    t_start = time.monotonic()
-    setup_determinism(args.seed, args.threads)
+@dataclass
+class TrainingData:
+    """The TRAIN split as the two stages consume it (after holding out --val-images)."""
+
+    image_ids: list[int]
+    pixels: Any  # (N, 3, IMAGE_SIZE, IMAGE_SIZE) one row per image
+    rows: list[tuple[str, str, int]]  # (question, answer, image id)
+    rows_of_image: list[list[int]]  # question rows of each image, by image row
+    examples: list  # encoded (prompt ids, answer ids) per question row
+    row_weights: Any  # (R,) inverse frequency of each question's category
+    question_labels: Any  # (R, 3) question_attributes per row
+    image_labels: tuple[Any, Any]  # (N,) shape and (N,) colour label per image, -100 if unknown
+    shape: dict[int, int]
+    color: dict[int, int]
+    val: dict[str, Any] | None  # the held-out images' questions, or None
+
+
+def prepare_data(args: argparse.Namespace, processor, t_start: float) -> TrainingData:
+    """Load TRAIN, hold out the validation images, encode the questions and derive the labels
+    (`t_start`: the run's start, for the log)."""
     import torch
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-
-    processor = build_processor()
-    tokenizer = processor.tokenizer
-    model = build_model(args.seed, args.embed_std)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %d parameters; edit layer %s", n_params, EDIT_LAYER)
 
     train = load_split("train", args.train_images)
     image_ids = train["image_ids"]
@@ -731,33 +732,51 @@ def main(argv=None) -> int:
     rows_of_image: list[list[int]] = [[] for _ in image_ids]
     for r, (_, _, i) in enumerate(rows):
         rows_of_image[row_of[i]].append(r)
-    examples = encode_examples(tokenizer, rows)
+    examples = encode_examples(processor.tokenizer, rows)
     check_prompt_encoding(processor, rows, train["paths"], examples)
     shape, color = derive_image_labels(rows)
     categories = [question_category(q, a) for q, a, _ in rows]
     counts = Counter(categories)
     log.info("question categories: %s", dict(sorted(counts.items())))
-    row_weights = torch.tensor([1.0 / counts[c] for c in categories], dtype=torch.float64)
-    question_labels = torch.tensor([question_attributes(q) for q, _, _ in rows])
-    image_labels = (
-        torch.tensor([shape.get(i, -100) for i in image_ids]),
-        torch.tensor([color.get(i, -100) for i in image_ids]),
+    data = TrainingData(
+        image_ids=image_ids,
+        pixels=pixels,
+        rows=rows,
+        rows_of_image=rows_of_image,
+        examples=examples,
+        row_weights=torch.tensor([1.0 / counts[c] for c in categories], dtype=torch.float64),
+        question_labels=torch.tensor([question_attributes(q) for q, _, _ in rows]),
+        image_labels=(
+            torch.tensor([shape.get(i, -100) for i in image_ids]),
+            torch.tensor([color.get(i, -100) for i in image_ids]),
+        ),
+        shape=shape,
+        color=color,
+        val=val,
     )
     log.info("data ready in %.1fs: %d questions on %d images", time.monotonic() - t_start, len(rows), len(image_ids))
+    return data
 
-    monitor = None
-    if val is not None and args.val_every:
-        probe: list = []
-        for cat in sorted({question_category(q, a) for q, a, _ in val["rows"]}):
-            probe += [r for r in val["rows"] if question_category(r[0], r[1]) == cat][:32]
-        probe_data = {"paths": val["paths"], "rows": probe}
 
-        def monitor(step: int) -> None:
-            rep = evaluate(model, processor, probe_data, by=question_category)
-            log.info("val probe @%d: %s", step, " ".join(f"{k}={v['accuracy']:.2f}" for k, v in rep.items()))
+def make_monitor(model, processor, val: dict[str, Any] | None, every: int):
+    """A stage-2 callback logging accuracy per question category on a small held-out probe
+    (up to 32 questions per category), or None without held-out images or --val-every."""
+    if val is None or not every:
+        return None
+    probe: list = []
+    for cat in sorted({question_category(q, a) for q, a, _ in val["rows"]}):
+        probe += [r for r in val["rows"] if question_category(r[0], r[1]) == cat][:32]
+    probe_data = {"paths": val["paths"], "rows": probe}
 
-    deadline = t_start + args.max_minutes * 60
-    t_train = time.monotonic()
+    def monitor(step: int) -> None:
+        rep = evaluate(model, processor, probe_data, by=question_category)
+        log.info("val probe @%d: %s", step, " ".join(f"{k}={v['accuracy']:.2f}" for k, v in rep.items()))
+
+    return monitor
+
+
+def train_stages(model, processor, data: TrainingData, args: argparse.Namespace, deadline: float) -> tuple[int, int]:
+    """Stage 1 (or its cached result), then stage 2. -> (stage-1 steps, stage-2 steps) done."""
     cache = args.stage1_cache
     if cache is not None and cache.is_file():
         from safetensors.torch import load_file
@@ -766,46 +785,80 @@ def main(argv=None) -> int:
         log.info("stage 1: loaded %d-step result from %s", v_done, cache)
     else:
         v_done, heads = pretrain_vision(
-            model, pixels, image_ids, shape, color, steps=args.vision_steps, batch=DEFAULT_VISION_BATCH,
-            lr=DEFAULT_VISION_LR, seed=args.seed, deadline=deadline,
+            model, data.pixels, data.image_ids, data.shape, data.color, steps=args.vision_steps,
+            batch=DEFAULT_VISION_BATCH, lr=DEFAULT_VISION_LR, seed=args.seed, deadline=deadline,
         )
         if cache is not None:
             from safetensors.torch import save_file
 
             save_file(stage1_state(model, heads, v_done), cache)
     e_done = train_end_to_end(
-        model, heads, pixels, rows_of_image, row_weights, image_labels, examples, steps=args.steps, batch=args.batch,
-        group=args.questions_per_image, lr=args.lr, freeze_steps=min(args.freeze_steps, args.steps // 4),
-        vision_lr_scale=args.vision_lr_scale, monitor=monitor, monitor_every=args.val_every,
-        question_labels=question_labels, probe_weight=args.probe_weight,
+        model, heads, data.pixels, data.rows_of_image, data.row_weights, data.image_labels, data.examples,
+        steps=args.steps, batch=args.batch, group=args.questions_per_image, lr=args.lr,
+        freeze_steps=min(args.freeze_steps, args.steps // 4), vision_lr_scale=args.vision_lr_scale,
+        monitor=make_monitor(model, processor, data.val, args.val_every), monitor_every=args.val_every,
+        question_labels=data.question_labels, probe_weight=args.probe_weight,
         warmup=min(DEFAULT_WARMUP, max(args.steps // 10, 1)), seed=args.seed, deadline=deadline,
     )
-    train_minutes = (time.monotonic() - t_train) / 60
-    log.info("training done in %.2f min (stage 1: %d steps, stage 2: %d steps)", train_minutes, v_done, e_done)
+    return v_done, e_done
 
-    save_checkpoint(model, processor, args.out)
-    # Report on the checkpoint as saved and reloaded offline, not on the in-memory model.
-    t_eval = time.monotonic()
-    model, processor = load_checkpoint(args.out)
+
+def evaluate_saved(out: Path, val: dict[str, Any] | None, eval_limit: int | None):
+    """Greedy exact match of the checkpoint as saved and reloaded offline (not of the in-memory
+    model): on the held-out images, and on the TEST split (`eval_limit` 0 skips it).
+    -> (validation quality or None, test quality or None)"""
+    model, processor = load_checkpoint(out)
     val_quality = None
     if val is not None:
         val_quality = evaluate(model, processor, val)
         for name, r in val_quality.items():
             log.info("val  %-7s %5d/%5d = %.4f", name, r["correct"], r["total"], r["accuracy"])
     quality = None
-    if args.eval_limit != 0:
-        quality = evaluate(model, processor, load_split("test"), args.eval_limit)
+    if eval_limit != 0:
+        quality = evaluate(model, processor, load_split("test"), eval_limit)
         for name, r in quality.items():
             log.info("test %-7s %5d/%5d = %.4f", name, r["correct"], r["total"], r["accuracy"])
+    return val_quality, quality
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning makes steps
+    # 2.5x slower (5.0 s against 2.0 s per step next to another busy process). Must precede torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    t_start = time.monotonic()
+    setup_determinism(args.seed, args.threads)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+    processor = build_processor()
+    model = build_model(args.seed, args.embed_std)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %d parameters; edit layer %s", n_params, EDIT_LAYER)
+    data = prepare_data(args, processor, t_start)
+
+    t_train = time.monotonic()
+    v_done, e_done = train_stages(model, processor, data, args, deadline=t_start + args.max_minutes * 60)
+    train_minutes = (time.monotonic() - t_train) / 60
+    log.info("training done in %.2f min (stage 1: %d steps, stage 2: %d steps)", train_minutes, v_done, e_done)
+
+    save_checkpoint(model, processor, args.out)
+    t_eval = time.monotonic()
+    val_quality, quality = evaluate_saved(args.out, data.val, args.eval_limit)
     eval_minutes = (time.monotonic() - t_eval) / 60
 
-    command = "python -m editor.demo.train " + " ".join(argv)
     report = {
-        "command": command,
+        "command": "python -m editor.demo.train " + " ".join(argv),
         "seed": args.seed,
         "threads": args.threads,
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
         "parameters": n_params,
         "vision_steps": v_done,
         "vision_batch": DEFAULT_VISION_BATCH,
@@ -819,14 +872,14 @@ def main(argv=None) -> int:
         "embed_std": args.embed_std,
         "stopped_early": v_done < args.vision_steps or e_done < args.steps,
         "stage1_cache": None if args.stage1_cache is None else str(args.stage1_cache),
-        "train_questions": len(rows),
-        "train_images": len(image_ids),
+        "train_questions": len(data.rows),
+        "train_images": len(data.image_ids),
         "train_minutes": round(train_minutes, 2),
         "eval_minutes": round(eval_minutes, 2),
         "total_minutes": round((time.monotonic() - t_start) / 60, 2),
         "test_split": "easy-VQA test" + ("" if args.eval_limit is None else f" (first {args.eval_limit} questions)"),
         "test_greedy_exact_match": quality,
-        **({"val_images": args.val_images, "val_greedy_exact_match": val_quality} if val is not None else {}),
+        **({"val_images": args.val_images, "val_greedy_exact_match": val_quality} if data.val is not None else {}),
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s (%d bytes) in %.2f min", args.out, dir_size(args.out), report["total_minutes"])
