@@ -24,29 +24,32 @@ FAST = ("--hparam", "max_steps=3", "--hparam", "max_new_tokens=8", "--hparam", "
 
 # Every kbctl command with its options and what it may do to the database. "writes" commands only
 # ever add rows (facts, jobs, versions, a model) or move the head; "daemon" commands run the worker
-# (and beat) that turns queued jobs into new versions; "reads" commands change nothing.
+# that turns queued jobs into new versions, or beat, which schedules the reaper and the nightly
+# ingestion (the test below starts each and checks what it did); "reads" commands change nothing.
+MODEL = {"--model"}  # model-scoped commands take --model after the command name too
 COMMANDS: dict[str, tuple[str, set[str]]] = {
     "init": ("writes", {"--json"}),
     "db upgrade": ("writes", {"--json"}),
     "model add": ("writes", {"--actor", "--canary", "--canary-max-changed", "--hparam", "--ingest-source",
                              "--json", "--layer", "--reference-pool"}),
     "submit-fact": ("writes", {"--actor", "--answer", "--image", "--json", "--negative-image",
-                               "--negative-question", "--question", "--rephrase", "--timeout", "--wait"}),
-    "retract": ("writes", {"--actor", "--json", "--timeout", "--wait"}),
-    "rollback": ("writes", {"--actor", "--json", "--timeout", "--wait"}),
-    "promote": ("writes", {"--actor", "--json"}),
-    "ingest": ("writes", {"--actor", "--json", "--sync", "--timeout", "--wait"}),
-    "worker": ("daemon", {"--loglevel"}),
-    "up": ("daemon", {"--loglevel"}),
+                               "--negative-question", "--question", "--rephrase", "--timeout", "--wait", *MODEL}),
+    "retract": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
+    "rollback": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
+    "promote": ("writes", {"--actor", "--json", *MODEL}),
+    "ingest": ("writes", {"--actor", "--json", "--sync", "--timeout", "--wait", *MODEL}),
+    "worker": ("daemon", {"--loglevel", *MODEL}),
+    "up": ("daemon", {"--loglevel", *MODEL}),
     "beat": ("daemon", {"--loglevel"}),
     "model list": ("reads", {"--json"}),
-    "ask": ("reads", {"--image", "--json", "--question", "--version"}),
-    "jobs": ("reads", {"--json", "--limit"}),
-    "status": ("reads", {"--json"}),
-    "history": ("reads", {"--json", "--limit"}),
-    "show": ("reads", {"--json"}),
-    "diff": ("reads", {"--json"}),
-    "export": ("reads", {"--json"}),  # writes files outside the database
+    "ask": ("reads", {"--image", "--json", "--question", "--version", *MODEL}),
+    "jobs": ("reads", {"--json", "--limit", *MODEL}),
+    "status": ("reads", {"--json", *MODEL}),
+    "history": ("reads", {"--json", "--limit", *MODEL}),
+    "show": ("reads", {"--json", *MODEL}),
+    "fact": ("reads", {"--json", *MODEL}),
+    "diff": ("reads", {"--json", *MODEL}),
+    "export": ("reads", {"--json", *MODEL}),  # writes files outside the database
     # No database at all: an in-process demo, and the benchmark evaluation.
     "demo": ("none", {"--answer"}),
     "eval": ("none", {"--curve-every", "--hparam", "--json", "--limit", "--method", "--model", "--plot",
@@ -124,10 +127,22 @@ def write_source(folder: Path, assets: Path, rows: list[dict]) -> Path:
     return folder
 
 
+def consumed_messages(d: Daemon) -> set[int]:
+    """Ids of the broker messages a worker has taken (kept, invisible, until the reaper deletes them)."""
+    engine = sa.create_engine(d.env["KB_BROKER_URL"].removeprefix("sqla+"))
+    with engine.connect() as connection:
+        ids = {row[0] for row in connection.execute(sa.text("SELECT id FROM kombu_message WHERE NOT visible"))}
+    engine.dispose()
+    return ids
+
+
 @pytest.mark.slow
 def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path, assets):
     d = Daemon(tmp_path / "home")
-    gated = Daemon(d.home, model="gated")
+    # Model gated runs under `kbctl up` (worker and embedded beat) from a home of its own, so that its
+    # beat's schedule file is not the one `kbctl beat` of model tiny keeps; database and broker are shared.
+    gated = Daemon(tmp_path / "gated-home", model="gated")
+    gated.env.update(KB_DATABASE_URL=d.env["KB_DATABASE_URL"], KB_BROKER_URL=d.env["KB_BROKER_URL"])
     url = d.env["KB_DATABASE_URL"]
     exercised: set[str] = set()
 
@@ -136,10 +151,13 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         exercised.add(name)
         return daemon.kbctl(*args, expect=expect)
 
+    def start(daemon: Daemon, command: str) -> None:
+        exercised.add(command)
+        daemon.start_worker(command)
+
     run(d, "init")
     run(d, "model", "add", "tiny", str(assets / "model"), *FAST, "--actor", "alice")
-    d.start_worker("up")  # worker and beat
-    exercised.update({"up", "worker", "beat"})
+    start(d, "worker")  # no beat yet
     try:
         # Some history to protect: two edits, a batch.
         first = run(d, "submit-fact", "--image", str(assets / "img0.png"), "--question", Q, "--answer", "a0",
@@ -150,6 +168,15 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
             {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2"},
             {"key": "k3", "image": "img3.png", "question": Q, "answer": "a3"}])
         run(d, "ingest", str(source), "--actor", "nightly-bot", "--wait", "--json")
+
+        # `kbctl beat` schedules the reaper, which the worker runs from the maintenance queue: the
+        # signals the worker has consumed so far are deleted from the broker.
+        taken = consumed_messages(d)
+        assert taken, "the worker consumed signals for three jobs; nothing has deleted them yet"
+        start(d, "beat")
+        d.wait_for(lambda: not taken & consumed_messages(d), timeout=60,
+                   what="the reaper scheduled by `kbctl beat` to delete the consumed broker messages")
+        assert list(d.home.glob("celerybeat-schedule*")), "beat keeps its schedule in KB_HOME"
         history_before = d.kbctl("history", "--json")
         before = audit_rows(url)
 
@@ -178,21 +205,23 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         source2 = write_source(tmp_path / "nightly2", assets, [
             {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2 new"}])
         run(d, "ingest", str(source2), "--sync", "--actor", "nightly-bot", "--wait", "--json")
-        gated.start_worker("worker")
-        held = run(gated, "ingest", str(write_source(tmp_path / "gated", assets, [
+        start(gated, "up")
+        held_result = run(gated, "ingest", str(write_source(tmp_path / "gated", assets, [
             {"key": "g0", "image": "img0.png", "question": Q, "answer": "gated answer"}])),
-            "--actor", "gina", "--wait", "--json")
+            "--actor", "gina", "--wait", "--json", expect=3)  # 3: the canary gate held the batch
+        held = json.loads(held_result.stdout)
         assert held["status"] == "held", held
         held_before = audit_rows(url)["versions"]
         run(gated, "promote", str(held["version"]), "--actor", "hank", "--json")
         # Read-only commands too, for good measure.
         for args in (("model", "list"), ("jobs",), ("status",), ("history",), ("show", "1"),
-                     ("diff", "1", "3"), ("export", "3", str(tmp_path / "export"))):
+                     ("fact", first["fact_id"]), ("diff", "1", "3"), ("export", "3", str(tmp_path / "export"))):
             run(d, *args, "--json")
         run(d, "ask", "--image", str(assets / "img0.png"), "--question", Q, "--version", "1", "--json")
     finally:
-        d.stop_workers()
-        gated.stop_workers()
+        # SIGTERM: every daemon process stops cleanly.
+        exits = d.stop_workers() + gated.stop_workers()
+    assert exits == [("worker", 0), ("beat", 0), ("up", 0)], f"{exits}\n{d.logs(tail=3000)}\n{gated.logs(tail=3000)}"
     after = audit_rows(url)
     history_after = d.kbctl("history", "--limit", "1000", "--json")
 
