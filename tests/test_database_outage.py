@@ -4,7 +4,6 @@ the job runs again once the database is back."""
 from __future__ import annotations
 
 import sqlite3
-import time
 
 import pytest
 from daemon_harness import Daemon, fresh_postgres_database, job_rows, version_numbers
@@ -67,10 +66,15 @@ def test_postgres_stopped_mid_job(tmp_path, tiny_dir):
     d = Daemon(tmp_path / "home", url, lease_seconds=3.0)
     try:
         start_slow_job(d, tiny_dir)
+        refused = "Couldn't apply scheduled task reap"  # beat, when the broker (this database) is down
+        refused_before = d.logs().count(refused)
         server._run("pg_ctl", "-D", str(server.data), "-m", "fast", "-w", "stop")
         d.wait_for(lambda: "will be retried when the database is back" in d.logs(), timeout=120,
                    what="the worker to notice the outage")
-        time.sleep(2)
+        # The outage lasts until the embedded beat, too, has failed against it: the daemon as a whole
+        # has to come back, not only the job.
+        d.wait_for(lambda: d.logs().count(refused) > refused_before, timeout=60,
+                   what="beat to fail to send the reaper while the database is down")
         server._run("pg_ctl", "-D", str(server.data), "-o",
                     f"-c listen_addresses=127.0.0.1 -p {server.port} -c fsync=off -k {server.root}",
                     "-l", str(server.root / "log"), "-w", "start")

@@ -29,16 +29,3 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
         time.sleep(POLL_SECONDS)
 
-
-def stays_true(predicate: Callable[[], object], seconds: float, what: str) -> None:
-    """Check `predicate` every POLL_SECONDS for `seconds`; fail at the first false value.
-
-    For claims that something does *not* happen (no file appears, no process is added): the claim
-    is checked for the whole window, not once at its end.
-    """
-    deadline = time.monotonic() + seconds
-    while True:
-        assert predicate(), f"no longer true: {what}"
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(POLL_SECONDS)
