@@ -328,11 +328,18 @@ def waited(state: State, queued: Queued, wait: bool, timeout: float, quiet: bool
 
 
 def wait_for_job(state: State, job_id: int, timeout: float, quiet: bool) -> JobOutcome:
+    """Wait for the job, showing its progress on stderr: a bar on a terminal, otherwise one line
+    each time the count of facts done changes."""
     bar: Any = None
+    shown = -1
 
     def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if quiet:
+        nonlocal bar, shown
+        if quiet or done == shown:
+            return
+        shown = done
+        if not sys.stderr.isatty():
+            click.echo(f"job {job_id}: {done}/{total} facts", err=True)
             return
         if bar is None:
             bar = click.progressbar(length=total, label=f"job {job_id}", file=sys.stderr)
@@ -344,6 +351,27 @@ def wait_for_job(state: State, job_id: int, timeout: float, quiet: bool) -> JobO
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+
+
+@cli.command("wait")
+@click.argument("job_id", type=int)
+@click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait.")
+@json_option
+@pass_state
+def wait_command(state: State, job_id: int, timeout: float, as_json: bool) -> None:
+    """Wait for JOB_ID to finish, with its progress on stderr; print the version it made.
+
+    Exits 1 if the job fails (with its error) and 3 if its batch was held by the canary gate.
+
+    \b
+    Example:
+        kbctl ingest facts/ && kbctl wait 12
+    """
+    outcome = wait_for_job(state, job_id, timeout, as_json)
+    emit(as_json, {"job_id": job_id, **outcome.as_dict()}, f"job {job_id} {outcome.status}: version "
+         f"{outcome.version}" + (" HELD by the canary gate" if outcome.held else ""))
+    if outcome.held:
+        raise click.exceptions.Exit(EXIT_HELD)
 
 
 @cli.command()
@@ -529,25 +557,40 @@ def _distances(values: list[float]) -> str:
 
 @cli.command()
 @click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--follow", is_flag=True, help="List again on every change until no job is queued or running.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between looks with --follow.")
 @json_option
 @model_option
 @pass_state
-def jobs(state: State, limit: int, as_json: bool) -> None:
-    """List the model's most recent jobs.
+def jobs(state: State, limit: int, follow: bool, interval: float, as_json: bool) -> None:
+    """List the model's most recent jobs, with progress (facts done/total) and errors.
 
     \b
     Example:
         kbctl jobs --limit 5
+        kbctl jobs --follow
     """
-    rows = state.service.jobs(state.model, limit)
+    import time
 
-    def table() -> None:
-        for j in rows:
-            extra = f" v{j.version}" if j.version is not None else ""
-            error = f"  {j.error}" if j.error else ""
-            echo(f"#{j.id:<5} {j.kind:<9} {j.status:<8}{extra}{error}")
+    last: list[tuple[Any, ...]] = []
+    while True:
+        rows = state.service.jobs(state.model, limit)
+        seen = [(j.id, j.status, j.progress, j.error) for j in rows]
+        if seen != last:
+            last = seen
+            emit(as_json, [j.as_dict() for j in rows], lambda rows=rows: _job_table(rows))
+        if not follow or all(not j.unfinished for j in rows):
+            return
+        time.sleep(interval)
 
-    emit(as_json, [j.as_dict() for j in rows], table)
+
+def _job_table(rows: list[Any]) -> None:
+    for j in rows:
+        extra = f" v{j.version}" if j.version is not None else ""
+        done, total = j.progress
+        progress = f"{done}/{total}" if total else "-"
+        error = f"  {j.error}" if j.error else ""
+        echo(f"#{j.id:<5} {j.kind:<9} {j.status:<9} {progress:>9}{extra}{error}")
 
 
 @cli.command()

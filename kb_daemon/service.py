@@ -163,6 +163,10 @@ class JobInfo(Result):
                    job.source, job.created_at, job.finished_at, (job.progress_done, job.progress_total),
                    (job.result or {}).get("version"))
 
+    @property
+    def unfinished(self) -> bool:
+        return self.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["progress"] = list(self.progress)
