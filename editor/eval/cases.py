@@ -317,15 +317,16 @@ def case_to_json(case: EditCase, base: Path) -> dict[str, Any]:
 def write_cases(cases: Iterable[EditCase], path: str | Path) -> Path:
     """Write a case file; image paths are made relative to its folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(case_to_json(c, path.parent), ensure_ascii=False) for c in cases]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return _write_lines([json.dumps(case_to_json(c, path.parent), ensure_ascii=False) for c in cases], path)
 
 
 def write_reference_pool(items: Iterable[Probe], path: str | Path) -> Path:
+    """Write a reference pool file; image paths are made relative to its folder."""
     path = Path(path)
+    return _write_lines([json.dumps(_probe_json(p, path.parent), ensure_ascii=False) for p in items], path)
+
+
+def _write_lines(lines: list[str], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(_probe_json(p, path.parent), ensure_ascii=False) for p in items]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

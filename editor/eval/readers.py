@@ -29,6 +29,7 @@ an empty new answer are skipped, as the reference loaders do. Input is a JSON ar
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,14 @@ def _records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise EvalError(f"{path}: record {index} is not an object")
     return records
+
+
+def _edit_records(path: Path, answer_field: str) -> Iterator[tuple[int, _Record]]:
+    """(index, record) of the file's records whose new answer (`answer_field`) is not empty; the
+    reference loaders skip the others."""
+    for index, raw in enumerate(_records(path)):
+        if str(raw.get(answer_field, "")).strip():
+            yield index, _Record(path, index, raw)
 
 
 class _Record:
@@ -93,10 +102,7 @@ def read_mmedit_evqa(
     path, image_root = Path(path), Path(image_root)
     rephrase_root = Path(rephrase_root) if rephrase_root is not None else image_root
     cases = []
-    for index, raw in enumerate(_records(path)):
-        if not str(raw.get("alt", "")).strip():
-            continue
-        record = _Record(path, index, raw)
+    for index, record in _edit_records(path, "alt"):
         image = record.image(image_root, "image")
         question, answer = record.text("src"), record.text("alt")
         loc = [
@@ -117,7 +123,7 @@ def read_mmedit_evqa(
                 t_gen=(Probe(image, record.text("rephrase"), answer),),
                 i_gen=(Probe(record.image(rephrase_root, "image_rephrase"), question, answer),),
                 loc=tuple(loc),
-                meta={"source": "mmedit-evqa", "record": index, "pred": raw.get("pred")},
+                meta={"source": "mmedit-evqa", "record": index, "pred": record.record.get("pred")},
             )
         )
     return cases
@@ -136,10 +142,7 @@ def read_okedit(
     rephrase_root = Path(rephrase_root) if rephrase_root is not None else image_root
     locality_root = Path(locality_root) if locality_root is not None else rephrase_root
     cases = []
-    for index, raw in enumerate(_records(path)):
-        if not str(raw.get("target", "")).strip():
-            continue
-        record = _Record(path, index, raw)
+    for index, record in _edit_records(path, "target"):
         image = record.image(image_root, "image")
         question, answer = record.text("prompt"), record.text("target")
         image_rephrases = record.record.get("image_rephrases")
@@ -158,14 +161,14 @@ def read_okedit(
         loc_answer = record.text("multimodal_locality_ground_truth", "m_loc_a", default="") or None
         cases.append(
             EditCase(
-                case_id=f"okedit-{raw.get('question_id', index)}",
+                case_id=f"okedit-{record.record.get('question_id', index)}",
                 scope="okedit",
                 fact=FactSpec(image, question, answer),
                 reliability=(Probe(image, question, answer),),
                 t_gen=tuple(Probe(image, q, answer) for q in record.texts("rephrase_prompts")),
                 i_gen=tuple(i_gen),
                 loc=(Probe(loc_image, loc_question, loc_answer),),
-                meta={"source": "okedit", "record": index, "pred": raw.get("pred")},
+                meta={"source": "okedit", "record": index, "pred": record.record.get("pred")},
             )
         )
     return cases

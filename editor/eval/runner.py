@@ -16,6 +16,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -228,17 +229,7 @@ def run_eval(
     started = time.perf_counter()
     settings = settings_for(method, hparams)
     cases_path = Path(cases_path)
-    cases = load_cases(cases_path)
-    if limit is not None:
-        if limit < 1:
-            raise EvalError(f"--limit must be at least 1, got {limit}")
-        cases = cases[:limit]
-    if pool_path is None and (cases_path.parent / POOL_FILE).is_file():
-        pool_path = cases_path.parent / POOL_FILE
-    pool_probes = load_reference_pool(pool_path) if pool_path is not None else []
-    every = curve_every or max(1, len(cases) // 8)
-    if every < 1:
-        raise EvalError(f"curve_every must be at least 1, got {every}")
+    cases, pool_path, pool_probes, every = _read_inputs(cases_path, limit, pool_path, curve_every)
 
     backbone = model if isinstance(model, Backbone) else load_backbone(model)
     say(
@@ -255,43 +246,14 @@ def run_eval(
     tick = time.perf_counter()
     editor_method = _build_method(settings, backbone, pool, cases, images, say)
     setup_seconds = time.perf_counter() - tick
-    applied: dict[str, dict[str, Any]] = {}
-    results: dict[str, dict[str, Any]] = {}
-    curve: list[dict[str, Any]] = []
+    scorer = _Scorer(editor_method, reference, images, readout)
     try:
-        if sequential:
-            editor_method.reset()
-            points = set(_checkpoints(len(cases), every))
-            for n, case in enumerate(cases, start=1):
-                applied[case.case_id] = _apply(editor_method, case, images)
-                say(f"[{n}/{len(cases)}] applied {case.case_id} in {applied[case.case_id]['seconds']:.2f}s")
-                if n in points:
-                    scored = {
-                        c.case_id: score_case(editor_method, c, reference, images, readout) for c in cases[:n]
-                    }
-                    point = aggregate([_scores_only(s) for s in scored.values()])
-                    curve.append({"edits": n, **point})
-                    say(f"after {n} edits: {_line(point)}")
-                    if n == len(cases):
-                        results = scored
-        else:
-            for n, case in enumerate(cases, start=1):
-                editor_method.reset()
-                applied[case.case_id] = _apply(editor_method, case, images)
-                results[case.case_id] = score_case(editor_method, case, reference, images, readout)
-                say(
-                    f"[{n}/{len(cases)}] {case.case_id}: {applied[case.case_id]['seconds']:.2f}s, "
-                    f"{_line({f: results[case.case_id][f] for f in FLAVOURS}, with_hm=False, scale=100.0)}"
-                )
-                if n % every == 0 or n == len(cases):
-                    point = aggregate([_scores_only(results[c.case_id]) for c in cases[:n]])
-                    curve.append({"edits": n, **point})
-            editor_method.reset()
+        run = (_run_sequential if sequential else _run_independent)(scorer, cases, every, say)
     finally:
         editor_method.close()
 
-    totals = aggregate([_scores_only(results[c.case_id]) for c in cases])
-    seconds = [applied[c.case_id]["seconds"] for c in cases]
+    totals = aggregate([_scores_only(run.results[c.case_id]) for c in cases])
+    seconds = [run.applied[c.case_id]["seconds"] for c in cases]
     report: dict[str, Any] = {
         "format_version": REPORT_FORMAT_VERSION,
         "method": settings.method,
@@ -310,13 +272,99 @@ def run_eval(
         "reference_seconds": reference_seconds,
         "total_seconds": time.perf_counter() - started,
         "curve_every": every,
-        "curve": curve,
+        "curve": run.curve,
         "cases": [
-            {"id": c.case_id, "scope": c.scope, "apply": applied[c.case_id], **results[c.case_id]}
+            {"id": c.case_id, "scope": c.scope, "apply": run.applied[c.case_id], **run.results[c.case_id]}
             for c in cases
         ],
     }
     say(f"done in {report['total_seconds']:.1f}s: {_line(totals)}")
+    _write_report(report, json_path, plot_path)
+    return report
+
+
+def _read_inputs(
+    cases_path: Path, limit: int | None, pool_path: str | Path | None, curve_every: int | None
+) -> tuple[list[EditCase], str | Path | None, list[Probe], int]:
+    """The cases (the first `limit`), the reference pool's path (by default the one beside the
+    case file) and probes, and the curve's interval; raises `EvalError` before any model loads."""
+    cases = load_cases(cases_path)
+    if limit is not None:
+        if limit < 1:
+            raise EvalError(f"--limit must be at least 1, got {limit}")
+        cases = cases[:limit]
+    if pool_path is None and (cases_path.parent / POOL_FILE).is_file():
+        pool_path = cases_path.parent / POOL_FILE
+    pool_probes = load_reference_pool(pool_path) if pool_path is not None else []
+    every = curve_every or max(1, len(cases) // 8)
+    if every < 1:
+        raise EvalError(f"curve_every must be at least 1, got {every}")
+    return cases, pool_path, pool_probes, every
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """What applying and scoring a case needs besides the case."""
+
+    method: EditMethod
+    reference: LocReference
+    images: ImageCache
+    readout: Readout
+
+    def apply(self, case: EditCase) -> dict[str, Any]:
+        return _apply(self.method, case, self.images)
+
+    def score(self, case: EditCase) -> dict[str, Any]:
+        return score_case(self.method, case, self.reference, self.images, self.readout)
+
+
+@dataclass
+class _Run:
+    """A mode's results: apply details and scores per case id, and the curve."""
+
+    applied: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _run_sequential(scorer: _Scorer, cases: list[EditCase], every: int, say: Progress) -> _Run:
+    """Every fact in file order on one model; at each checkpoint the cases applied so far are
+    scored (the last checkpoint's scores are the results)."""
+    run = _Run()
+    scorer.method.reset()
+    points = set(_checkpoints(len(cases), every))
+    for n, case in enumerate(cases, start=1):
+        run.applied[case.case_id] = scorer.apply(case)
+        say(f"[{n}/{len(cases)}] applied {case.case_id} in {run.applied[case.case_id]['seconds']:.2f}s")
+        if n in points:
+            scored = {c.case_id: scorer.score(c) for c in cases[:n]}
+            point = aggregate([_scores_only(s) for s in scored.values()])
+            run.curve.append({"edits": n, **point})
+            say(f"after {n} edits: {_line(point)}")
+            if n == len(cases):
+                run.results = scored
+    return run
+
+
+def _run_independent(scorer: _Scorer, cases: list[EditCase], every: int, say: Progress) -> _Run:
+    """Each case on the unedited model: reset, apply its fact, score it."""
+    run = _Run()
+    for n, case in enumerate(cases, start=1):
+        scorer.method.reset()
+        run.applied[case.case_id] = scorer.apply(case)
+        run.results[case.case_id] = scorer.score(case)
+        say(
+            f"[{n}/{len(cases)}] {case.case_id}: {run.applied[case.case_id]['seconds']:.2f}s, "
+            f"{_line({f: run.results[case.case_id][f] for f in FLAVOURS}, with_hm=False, scale=100.0)}"
+        )
+        if n % every == 0 or n == len(cases):
+            point = aggregate([_scores_only(run.results[c.case_id]) for c in cases[:n]])
+            run.curve.append({"edits": n, **point})
+    scorer.method.reset()
+    return run
+
+
+def _write_report(report: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None) -> None:
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
@@ -324,7 +372,6 @@ def run_eval(
         from editor.eval.plot import plot_curve
 
         plot_curve(report, plot_path)
-    return report
 
 
 def _apply(method: EditMethod, case: EditCase, images: ImageCache) -> dict[str, Any]:
