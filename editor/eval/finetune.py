@@ -8,7 +8,6 @@ sees it. `reset` copies the original weight back; `close` does too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,8 +15,8 @@ from torch import nn
 
 from editor.backbones import Backbone, Query
 from editor.eval.hparams import FineTuneConfig
-from editor.eval.methods import Input
-from editor.eval.readout import Generated, Readout
+from editor.eval.methods import WeightMethod
+from editor.eval.readout import Readout
 from editor.fact import Fact
 
 
@@ -33,7 +32,7 @@ def answer_logits(
     return logits.gather(1, index).float()
 
 
-class FineTune:
+class FineTune(WeightMethod):
     name = "ft"
 
     def __init__(self, backbone: Backbone, config: FineTuneConfig, layer: str | None = None) -> None:
@@ -85,16 +84,3 @@ class FineTune:
             "last_loss": losses[-1],
             "weight_change_norm": change,
         }
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.original)
-
-    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
-        return self.readout.generate([self.backbone.query(i, q) for i, q in inputs])
-
-    def ranked(self, inputs: Sequence[Input], answers: Sequence[str], k: int) -> list[torch.Tensor]:
-        return self.readout.ranked([self.backbone.query(i, q) for i, q in inputs], answers, k)
-
-    def close(self) -> None:
-        self.reset()

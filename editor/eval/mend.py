@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from editor.adapter import layer_sizes
-from editor.backbones import Backbone, Query
+from editor.backbones import Backbone
 from editor.eval.hparams import MendConfig
-from editor.eval.methods import Input
-from editor.eval.readout import Generated, Readout
+from editor.eval.methods import WeightMethod
+from editor.eval.readout import Readout
 from editor.fact import Fact, ImageInput
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class GradientTransform(nn.Module):
         return self.edit_lr * (d.T @ u)  # (Dout, Din)
 
 
-class Mend:
+class Mend(WeightMethod):
     name = "mend"
 
     def __init__(
@@ -280,19 +280,3 @@ class Mend:
             update = self.network(u, d).to(self.weight.dtype)  # (Dout, Din)
             self.weight.sub_(update.T if self.transposed else update)
         return {"update_norm": float(update.norm()), "positions": int(u.shape[0])}
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.original)
-
-    def _queries(self, inputs: Sequence[Input]) -> list[Query]:
-        return [self.backbone.query(image, question) for image, question in inputs]
-
-    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
-        return self.readout.generate(self._queries(inputs))
-
-    def ranked(self, inputs: Sequence[Input], answers: Sequence[str], k: int) -> list[torch.Tensor]:
-        return self.readout.ranked(self._queries(inputs), answers, k)
-
-    def close(self) -> None:
-        self.reset()

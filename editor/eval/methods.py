@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
 
+from editor.adapter import Scope
 from editor.backbones import Backbone, Batch, Query
 from editor.codebook import Codebook
 from editor.editor import Editor
 from editor.eval.hparams import MethodSettings
-from editor.eval.readout import Generated, Readout
+from editor.eval.readout import Generated, Readout, no_scope
 from editor.fact import Fact, ImageInput
 from editor.radius import pairwise_distances
 from editor.samples import ReferenceItem
@@ -51,7 +53,46 @@ class EditMethod(Protocol):
         ...
 
 
-class CodebookMethod:
+class ReadoutMethod:
+    """What every method here shares: `generate` and `ranked` read the model through `readout`,
+    on the queries `_queries` makes of the inputs, inside the scope `_scope` opens per batch (none
+    by default); `close` resets. Subclasses set `backbone` and `readout` and define `apply` and
+    `reset`."""
+
+    backbone: Backbone
+    readout: Readout
+
+    def _queries(self, inputs: Sequence[Input]) -> list[Query]:
+        return [self.backbone.query(image, question) for image, question in inputs]
+
+    def _scope(self, batch: Batch) -> AbstractContextManager[Scope | None]:
+        return no_scope(batch)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
+        return self.readout.generate(self._queries(inputs), self._scope)
+
+    def ranked(self, inputs: Sequence[Input], answers: Sequence[str], k: int) -> list[torch.Tensor]:
+        return self.readout.ranked(self._queries(inputs), answers, k, self._scope)
+
+    def close(self) -> None:
+        self.reset()
+
+
+class WeightMethod(ReadoutMethod):
+    """A method that changes one layer's `weight` in place; `reset` copies `original` back."""
+
+    weight: torch.Tensor
+    original: torch.Tensor
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.original)
+
+
+class CodebookMethod(ReadoutMethod):
     """BalancEdit or GRACE: `editor.Editor` with a fresh codebook per `reset`."""
 
     def __init__(
@@ -83,7 +124,7 @@ class CodebookMethod:
             "layer": self.editor.layer,
         }
 
-    def _scope(self, batch: Batch):  # type: ignore[no-untyped-def]
+    def _scope(self, batch: Batch) -> AbstractContextManager[Scope | None]:
         return self.editor.adapter.scope(batch.key_positions, mode="lookup")
 
     def apply(self, fact: Fact) -> dict[str, Any]:
@@ -94,12 +135,6 @@ class CodebookMethod:
 
     def reset(self) -> None:
         self.editor.load_codebook(Codebook(self.editor.spec, self.editor.config.to_dict()))
-
-    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
-        return self.readout.generate(self._queries(inputs), self._scope)
-
-    def ranked(self, inputs: Sequence[Input], answers: Sequence[str], k: int) -> list[torch.Tensor]:
-        return self.readout.ranked(self._queries(inputs), answers, k, self._scope)
 
     def nearest(self, inputs: Sequence[Input]) -> list[dict[str, Any]]:
         """For diagnosis: distance of each input's key to the nearest entry, and that entry's radius."""
@@ -120,6 +155,3 @@ class CodebookMethod:
 
     def close(self) -> None:
         self.editor.close()
-
-    def _queries(self, inputs: Sequence[Input]) -> list[Query]:
-        return [self.backbone.query(image, question) for image, question in inputs]
