@@ -27,12 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from editor.backbones import Backbone, Query
 from editor.eval.hparams import InContextConfig
-from editor.eval.methods import Input
-from editor.eval.readout import Generated, Readout
+from editor.eval.methods import Input, ReadoutMethod
+from editor.eval.readout import Readout
 from editor.fact import Fact
 
 ANSWER_ROOM = 16  # tokens kept free for the answer when the budget is taken from the model
@@ -69,7 +67,7 @@ def demonstration(source: DemoSource, kind: str) -> str:
     return f"New Fact: {source.question} {source.answer}\nPrompt: {prompt} {answer}\n\n"
 
 
-class InContext:
+class InContext(ReadoutMethod):
     name = "ike"
 
     def __init__(
@@ -132,17 +130,8 @@ class InContext:
         return self._overhead[size]
 
     def _queries(self, inputs: Sequence[Input]) -> list[Query]:
-        queries = [self.backbone.query(image, question) for image, question in inputs]
-        return [Query(q.image, self.context(q)) for q in queries]
-
-    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
-        return self.readout.generate(self._queries(inputs))
-
-    def ranked(self, inputs: Sequence[Input], answers: Sequence[str], k: int) -> list[torch.Tensor]:
-        return self.readout.ranked(self._queries(inputs), answers, k)
-
-    def close(self) -> None:
-        self.reset()
+        """The inputs with their questions wrapped in the in-context prompt."""
+        return [Query(q.image, self.context(q)) for q in super()._queries(inputs)]
 
 
 def _position_limit(backbone: Backbone) -> int:
