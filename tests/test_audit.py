@@ -43,7 +43,8 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "beat": ("daemon", {"--loglevel"}),
     "model list": ("reads", {"--json"}),
     "ask": ("reads", {"--image", "--json", "--question", "--version", *MODEL}),
-    "jobs": ("reads", {"--json", "--limit", *MODEL}),
+    "jobs": ("reads", {"--follow", "--interval", "--json", "--limit", *MODEL}),
+    "wait": ("reads", {"--json", "--timeout"}),
     "status": ("reads", {"--json", *MODEL}),
     "history": ("reads", {"--json", "--limit", *MODEL}),
     "show": ("reads", {"--json", *MODEL}),
@@ -215,7 +216,8 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         run(gated, "promote", str(held["version"]), "--actor", "hank", "--json")
         # Read-only commands too, for good measure.
         for args in (("model", "list"), ("jobs",), ("status",), ("history",), ("show", "1"),
-                     ("fact", first["fact_id"]), ("diff", "1", "3"), ("export", "3", str(tmp_path / "export"))):
+                     ("fact", first["fact_id"]), ("wait", str(submitted["job_id"])), ("diff", "1", "3"),
+                     ("export", "3", str(tmp_path / "export"))):
             run(d, *args, "--json")
         run(d, "ask", "--image", str(assets / "img0.png"), "--question", Q, "--version", "1", "--json")
     finally:
