@@ -13,9 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from kb_daemon.config import Settings
@@ -223,7 +223,8 @@ def claim_next_job(session: Session, model: Model, worker: str, lease_seconds: f
     ).scalar_one_or_none()
     if job is None:
         return None
-    if job.status == JobStatus.RUNNING and as_utc(job.lease_expires_at) > now and job.lease_owner != worker:
+    lease = as_utc(job.lease_expires_at)
+    if job.status == JobStatus.RUNNING and lease is not None and lease > now and job.lease_owner != worker:
         return None  # another worker holds it: strictly one job per model at a time
     if job.attempts >= MAX_ATTEMPTS:
         change_status(job, JobStatus.FAILED)
@@ -241,10 +242,10 @@ def claim_next_job(session: Session, model: Model, worker: str, lease_seconds: f
 
 def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float) -> bool:
     now = utcnow()
-    result = session.execute(
+    result = cast("CursorResult[Any]", session.execute(
         update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == JobStatus.RUNNING.value)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-    )
+    ))
     return result.rowcount == 1
 
 
@@ -263,7 +264,7 @@ def models_needing_work(session: Session, now: datetime | None = None) -> list[s
         .where(Job.status.in_(UNFINISHED))
     ).all()
     names = {name for name, status, lease in rows
-             if status == JobStatus.QUEUED or (lease is not None and as_utc(lease) <= now)}
+             if status == JobStatus.QUEUED or ((expires := as_utc(lease)) is not None and expires <= now)}
     return sorted(names)
 
 

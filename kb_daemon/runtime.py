@@ -44,7 +44,7 @@ def load_reference_pool(spec: str | None) -> list[Any]:
         paths = get_train_image_paths()
         # The last train images: the benchmark builder and the demo draw from the first ones.
         chosen = sorted(set(image_ids))[-size:]
-        first_question = {}
+        first_question: dict[Any, str] = {}
         for question, image_id in zip(questions, image_ids, strict=True):
             first_question.setdefault(image_id, question)
         return [ReferenceItem(Image.open(paths[i]).convert("RGB"), first_question[i]) for i in chosen]
