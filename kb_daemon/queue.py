@@ -241,12 +241,17 @@ def claim_next_job(session: Session, model: Model, worker: str, lease_seconds: f
 
 
 def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float) -> bool:
+    """Extend a running job's lease; a renewal is also a sighting of its worker (`kbctl status`)."""
     now = utcnow()
     result = cast("CursorResult[Any]", session.execute(
         update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == JobStatus.RUNNING.value)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
     ))
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    session.execute(update(Model).where(Model.id == select(Job.model_id).where(Job.id == job_id).scalar_subquery())
+                    .values(last_worker=worker, last_worker_seen_at=now))
+    return True
 
 
 def assert_lease(session: Session, job: Job, worker: str) -> None:

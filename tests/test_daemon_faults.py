@@ -38,11 +38,22 @@ def test_kill_9_during_an_edit_then_restart_completes_the_job_exactly_once(tmp_p
         submitted = d.kbctl("submit-fact", "--image", str(tiny_dir / "img0.png"), "--question", Q,
                             "--answer", "oblong box", "--json")
         d.wait_for(lambda: job_rows(d)[0]["status"] == "running", what="the job to start")
+        # While the worker lives, status shows its lease being renewed and the worker seen lately
+        # (renewals count as sightings, not only claims).
+        alive = d.wait_for(lambda: (s := d.kbctl("status", "--json"))["last_worker_seen_seconds_ago"] is not None
+                           and s["running_seconds"] > 2 and s, what="a lease renewal")
+        assert alive["running_job"] == submitted["job_id"] and alive["worker_lost"] is False
+        assert alive["lease_expires_in_seconds"] > 0 and alive["last_worker_seen_seconds_ago"] < 2.5
         d.kill9(worker)
         row = job_rows(d)[0]
         assert row["status"] == "running" and row["attempts"] == 1
         assert d.kbctl("status", "--json")["head_version"] == 0
         assert version_numbers(d) == [0]
+        # Once the lease lapses, status says the worker is lost and when the job is retried.
+        lost = d.wait_for(lambda: (s := d.kbctl("status", "--json"))["worker_lost"] and s, timeout=30,
+                          what="the lease to lapse")
+        assert lost["lease_expires_in_seconds"] < 0 and lost["retry_at"] is not None
+        assert "worker lost: its lease lapsed" in d.kbctl("status").stdout
 
         d.start_worker()
         d.wait_for(lambda: job_rows(d)[0]["status"] == "done", timeout=180, what="the job to finish")

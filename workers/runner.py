@@ -164,7 +164,7 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
     except (KbError, EditorError, ValueError) as exc:
         if runtime is not None:
             runtime.invalidate()
-        record_failure(db, job_id, worker, str(exc))
+        record_failure(db, job_id, worker, str(exc), getattr(exc, "fact_id", None))
         return {"job_id": job_id, "status": JobStatus.FAILED.value, "error": str(exc)}
 
 
@@ -212,7 +212,10 @@ def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, work
         change.result["resumed_at"] = start
         logger.info("job %d: resuming the batch after fact %d of %d", job.id, start, len(fact_ids))
     for done, fact_id in enumerate(fact_ids[start:], start + 1):
-        _apply_fact(db, runtime, change, fact_id)
+        try:
+            _apply_fact(db, runtime, change, fact_id)
+        except (KbError, EditorError, ValueError) as exc:
+            raise FactFailed(fact_id, str(exc)) from exc
         _progress(db, job.id, done, total)
         if done % checkpoint_every == 0 and done < len(fact_ids):
             save_checkpoint(db, model, job.id, worker, head, done, runtime, change)
@@ -384,7 +387,17 @@ def _update_ledger(session: Any, version: Any, change: Change) -> None:
             fact.superseded_by = change.superseded.get(fact_id)
 
 
-def record_failure(db: Database, job_id: int, worker: str, message: str) -> None:
+class FactFailed(KbError):
+    """One fact of a batch could not be applied: the batch fails, naming it."""
+
+    def __init__(self, fact_id: str, reason: str) -> None:
+        super().__init__(f"fact {fact_id}: {reason}")
+        self.fact_id = fact_id
+
+
+def record_failure(db: Database, job_id: int, worker: str, message: str, failed_fact: str | None = None) -> None:
+    """The job failed: so did each of its facts still pending, with the reason (a batch's other
+    facts say which fact stopped it). Re-running their source queues them again."""
     with db.session() as session:
         job = session.get(Job, job_id)
         if job is None or job.lease_owner != worker or job.status != JobStatus.RUNNING:
@@ -392,12 +405,14 @@ def record_failure(db: Database, job_id: int, worker: str, message: str) -> None
         change_status(job, JobStatus.FAILED)
         job.error, job.finished_at = message, utcnow()
         job.lease_owner, job.lease_expires_at = None, None
-        fact_id = job.payload.get("fact_id") if job.kind == "edit" else None
-        if fact_id:
+        fact_ids = [job.payload["fact_id"]] if job.kind == "edit" else list(job.payload.get("facts", []))
+        for fact_id in fact_ids:
             fact = session.get(Fact, fact_id)
             if fact is not None and fact.status == FactStatus.PENDING:
                 change_status(fact, FactStatus.FAILED)
-                fact.error = message
+                fact.error = message if fact_id == failed_fact or job.kind == "edit" else (
+                    f"not applied: batch job {job_id} failed on fact {failed_fact}" if failed_fact
+                    else f"not applied: batch job {job_id} failed: {message}")
 
 
 def release(db: Database, job_id: int, worker: str) -> None:
