@@ -173,6 +173,114 @@ def detect_family(model: nn.Module) -> FamilySpec:
     )
 
 
+def family_of_config(config: Any) -> FamilySpec:
+    """The family of a model from its config alone (`detect_family` without the weights)."""
+    model_type = getattr(config, "model_type", None)
+    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+    if model_type == "llava":
+        if text_type not in _LLAVA_TEXT_TYPES:
+            raise UnsupportedBackboneError(
+                f"LLaVA with a {text_type!r} text model is not supported; supported: "
+                f"{', '.join(sorted(_LLAVA_TEXT_TYPES))}"
+            )
+        return LLAVA
+    if model_type == "blip-2":
+        if text_type != "opt":
+            raise UnsupportedBackboneError(f"BLIP-2 with a {text_type!r} text model is not supported; use OPT")
+        return BLIP2
+    spec = _CAUSAL_BY_MODEL_TYPE.get(model_type or "")
+    if spec is None:
+        raise UnsupportedBackboneError(
+            f"model_type {model_type!r} is not supported; supported: llava, blip-2, and causal LMs of type "
+            + ", ".join(sorted(_CAUSAL_BY_MODEL_TYPE))
+        )
+    return spec
+
+
+def end_of_sequence_id(tokenizer: Any, generation_config: Any) -> int:
+    """The token that ends an answer: the tokenizer's, else the generation config's (the first
+    of a list)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise UnsupportedBackboneError("the tokenizer has no end-of-sequence token")
+    return int(eos)
+
+
+def answer_token_ids(tokenizer: Any, answer_prefix: str, eos_token_id: int, answer: str) -> list[int]:
+    """An answer's target tokens: `answer_prefix + answer` without special tokens, then the end
+    of sequence."""
+    ids = tokenizer(answer_prefix + answer, add_special_tokens=False)["input_ids"]
+    return list(ids) + [eos_token_id]
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """What a model directory says about its inputs without loading its weights: whether every
+    question needs an image, and how many target tokens an answer takes (`Backbone.answer_ids`)."""
+
+    name: str
+    family: FamilySpec
+    tokenizer: Any
+    answer_prefix: str
+    eos_token_id: int
+
+    @property
+    def needs_image(self) -> bool:
+        return self.family.needs_image
+
+    def count_answer_tokens(self, answer: str) -> int:
+        """len(Backbone.answer_ids(answer)) for the same directory: the answer's tokens plus the
+        end of sequence, the length `max_answer_tokens` limits."""
+        return len(answer_token_ids(self.tokenizer, self.answer_prefix, self.eos_token_id, answer))
+
+
+def _model_directory(path: str | os.PathLike[str]) -> Path:
+    if str(path) == "demo":
+        from editor.demo import DEMO_MODEL_DIR
+
+        directory = Path(DEMO_MODEL_DIR)
+    else:
+        directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise EditorError(f"{str(directory)!r} is not a model directory (no config.json)")
+    return directory
+
+
+def load_text_side(path: str | os.PathLike[str]) -> TextSide:
+    """The `TextSide` of "demo" or a model directory: its config, `kb_backbone.json`, tokenizer
+    (a vision model's processor's) and generation config, no weights. Chooses the family, answer
+    prefix and end of sequence exactly as `load_backbone` does, so the counts agree."""
+    import transformers
+
+    directory = _model_directory(path)
+    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    family = family_of_config(config)
+    settings: dict[str, Any] = {}
+    if (directory / BACKBONE_FILE).is_file():
+        settings = json.loads((directory / BACKBONE_FILE).read_text())
+    if family.needs_image:
+        processor = transformers.AutoProcessor.from_pretrained(directory, local_files_only=True)
+        tokenizer = getattr(processor, "tokenizer", processor)
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    drop_word_cache(tokenizer)
+    # What `from_pretrained` gives a model: generation_config.json, else one derived from config.
+    try:
+        generation = transformers.GenerationConfig.from_pretrained(directory, local_files_only=True)
+    except OSError:
+        generation = transformers.GenerationConfig.from_model_config(config)
+    prefix = settings.get("answer_prefix")
+    return TextSide(
+        name=str(directory), family=family, tokenizer=tokenizer,
+        answer_prefix=prefix if prefix is not None else family.answer_prefix,
+        eos_token_id=end_of_sequence_id(tokenizer, generation),
+    )
+
+
 @dataclass(frozen=True)
 class Query:
     """One model input: an optional image and a question."""
@@ -256,14 +364,7 @@ class Backbone:
 
     # ----- structure ------------------------------------------------------------------------
     def _eos_token_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if isinstance(eos, list):
-            eos = eos[0]
-        if eos is None:
-            raise UnsupportedBackboneError("the tokenizer has no end-of-sequence token")
-        return int(eos)
+        return end_of_sequence_id(self.tokenizer, getattr(self.model, "generation_config", None))
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -371,8 +472,7 @@ class Backbone:
             )
 
     def answer_ids(self, answer: str) -> list[int]:
-        ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
-        return list(ids) + [self.eos_token_id]
+        return answer_token_ids(self.tokenizer, self.answer_prefix, self.eos_token_id, answer)
 
     def encode(self, items: Sequence[Query], answers: Sequence[str | Sequence[int]] | None = None) -> Batch:
         """Left-pad prompts (and answers, when given) into one batch.
@@ -525,14 +625,7 @@ def load_backbone(
             raise EditorError("a model object needs its processor (or tokenizer for a text model)")
         return Backbone(path_or_model, processor, prompt_template=prompt_template,
                         answer_prefix=answer_prefix, edit_layer=edit_layer)
-    if str(path_or_model) == "demo":
-        from editor.demo import DEMO_MODEL_DIR
-
-        path = DEMO_MODEL_DIR
-    else:
-        path = Path(path_or_model)
-    if not (path / "config.json").is_file():
-        raise EditorError(f"{str(path)!r} is not a model directory (no config.json)")
+    path = _model_directory(path_or_model)
     settings: dict[str, Any] = {}
     if (path / BACKBONE_FILE).is_file():
         settings = json.loads((path / BACKBONE_FILE).read_text())
