@@ -20,7 +20,7 @@ from editor.errors import EditorError, InvalidFactError
 from editor.fact import EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
 from editor.radius import choose_radius, pairwise_distances
 from editor.samples import Paraphraser, ReferenceItem, TemplateParaphraser, black_image, distinct_questions
-from editor.training import CapturedSuffix, TrainResult, capture, train_value
+from editor.training import CapturedSuffix, Progress, TrainResult, capture, train_value
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +171,17 @@ class Editor:
         return torch.cat(chunks)
 
     # ----- edits ----------------------------------------------------------------------------
-    def apply(self, fact: Fact) -> EditReport:
+    def apply(self, fact: Fact, progress: Progress | None = None) -> EditReport:
         """Add `fact` as a codebook entry: keys, radius, value, overlap rules. See the README.
 
         The phases, each timed in `EditReport.timings`: the training rows' capture pass (the
         fact's key, its positives' keys), the unedited answer, the negatives' keys (given and
         hard), the radius, the value optimisation, and the codebook's overlap rules.
+
+        `progress(done, total)`, when given, follows the value optimisation, the phase whose
+        length grows with the fact's rephrasings and `max_steps`: (0, max_steps) when it starts,
+        every few steps after, and (max_steps, max_steps) when it ends (early or not). The
+        result is the same with or without it.
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -193,7 +198,7 @@ class Editor:
         if fallback:
             logger.warning("fact %s: %s", fact_id, fallback)
         with _timed(timings, "optimisation"):
-            trained = self._train_values(sample, target_length)
+            trained = self._train_values(sample, target_length, progress)
         with _timed(timings, "bookkeeping"):
             entry = Entry(fact_id, normalise_answer(fact.answer), input_id, sample.key, trained.values,
                           radius)
@@ -276,7 +281,8 @@ class Editor:
         choice = choose_radius(positive_distances, negative_distances, config.alpha, config.initial_radius)
         return choice.radius, choice.fallback
 
-    def _train_values(self, sample: _TrainingSample, target_length: int) -> TrainResult:
+    def _train_values(self, sample: _TrainingSample, target_length: int,
+                      progress: Progress | None = None) -> TrainResult:
         """The entry's values, started from the layer's own outputs (warm) or seeded noise (cold)."""
         config = self.config
         if config.value_init == "warm":
@@ -285,7 +291,7 @@ class Editor:
             generator = torch.Generator().manual_seed(config.seed)
             init = torch.rand(target_length, self.spec.output_size, generator=generator)
         return train_value(self.backbone, self.adapter, sample.batch, sample.suffix, init,
-                           config.lr, config.max_steps, config.early_stop, config.stop_margin)
+                           config.lr, config.max_steps, config.early_stop, config.stop_margin, progress)
 
     def retract(self, fact_id: str) -> None:
         """Remove a fact's entry; radii it cut get back what they had without it."""

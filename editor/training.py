@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,12 @@ from editor.adapter import CodebookAdapter, Scope
 from editor.backbones import Backbone, Batch
 
 logger = logging.getLogger(__name__)
+
+# `train_value` reports progress every this many steps: often enough for a progress bar, rarely
+# enough that a callback writing to a database costs nothing next to the steps.
+PROGRESS_EVERY_STEPS = 10
+# progress(done, total): optimisation steps done out of the most it may take.
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -114,12 +121,17 @@ def train_value(
     max_steps: int,
     early_stop: bool,
     stop_margin: float = 0.0,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """Adam on the entry's values so every row of `batch` produces its whole answer.
 
     batch.targets (B, L); init_values (L, Dout). Stops once the argmax at every answer position of
     every row equals the target (then greedy generation yields exactly the answer) with a logit
     lead of more than `stop_margin` over the runner-up, if `early_stop`.
+
+    `progress`, when given, is called with (0, max_steps) first, (step, max_steps) after every
+    `PROGRESS_EVERY_STEPS`-th step and (max_steps, max_steps) when the optimisation ends, early or
+    not; it sees counts only, so the values are the same with or without it.
     """
     assert batch.targets is not None
     started = time.perf_counter()
@@ -130,6 +142,8 @@ def train_value(
     optimiser = torch.optim.Adam([values], lr=lr)
     converged = False
     steps = 0
+    if progress is not None:
+        progress(0, max_steps)
     with torch.enable_grad():
         for steps in range(1, max_steps + 1):
             with adapter.scope(batch.key_positions, mode="forced", forced_values=values):
@@ -142,10 +156,14 @@ def train_value(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if progress is not None and steps % PROGRESS_EVERY_STEPS == 0 and steps < max_steps:
+                progress(steps, max_steps)
     if not converged:
         with torch.no_grad(), adapter.scope(batch.key_positions, mode="forced", forced_values=values):
             logits = run_suffix(backbone, suffix, positions)
         converged = bool((logits.argmax(-1) == targets).all())
+    if progress is not None:
+        progress(max_steps, max_steps)
     seconds = time.perf_counter() - started
     logger.debug("value optimisation: %d steps, converged=%s, %.3fs", steps, converged, seconds)
     return TrainResult(values.detach().cpu(), steps, converged, seconds)

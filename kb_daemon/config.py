@@ -48,6 +48,10 @@ class Settings:
     dtype: str = "auto"
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 16_000_000
+    # Per fact: each rephrasing is a training row of every optimisation step, each negative a row
+    # of the keys pass, so these bound how long one edit holds its model's queue.
+    max_rephrases_per_fact: int = 32
+    max_negatives_per_fact: int = 32  # negative images and negative questions together
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -72,6 +76,16 @@ class Settings:
                     overrides[name] = max(least, int(env[key]))
                 except ValueError as exc:
                     raise InvalidInput(f"{key} must be an integer, got {env[key]!r}") from exc
+        for name, key in (("max_rephrases_per_fact", "KB_MAX_REPHRASES"),
+                          ("max_negatives_per_fact", "KB_MAX_NEGATIVES")):
+            if env.get(key):
+                try:
+                    count = int(env[key])
+                except ValueError:
+                    count = -1
+                if count < 0:
+                    raise InvalidInput(f"{key} must be an integer >= 0, got {env[key]!r}")
+                overrides[name] = count
         if env.get("KB_DEVICE"):
             overrides["device"] = env["KB_DEVICE"]
         if env.get("KB_DTYPE"):

@@ -8,7 +8,6 @@ earlier job of its model is unfinished and no job of its model holds a live leas
 from __future__ import annotations
 
 import getpass
-import io
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +22,6 @@ from kb_daemon.errors import Conflict, InvalidInput, NotFound
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, as_utc, change_status, utcnow
 from kb_daemon.snapshots import create_initial_version, put_blob
 
-ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "GIF", "BMP", "WEBP"}
 MAX_QUESTION_CHARS = 2_000
 MAX_ANSWER_CHARS = 500
 MAX_ATTEMPTS = 5
@@ -81,7 +79,13 @@ def register_model(
 
 # ----- facts ----------------------------------------------------------------------------------
 def read_image(path: str | Path, settings: Settings, *, root: Path | None = None) -> bytes:
-    """Read and validate an untrusted image file; return its bytes. `root` confines the path."""
+    """Read and validate an untrusted image file; return its bytes. `root` confines the path.
+
+    The checks are the editor's (`editor.images.read_image_file`) with the settings' limits and
+    the common formats; messages name the path as given.
+    """
+    from editor.errors import InvalidFactError
+    from editor.images import COMMON_IMAGE_FORMATS, read_image_file
 
     candidate = Path(path)
     if root is not None:
@@ -91,51 +95,36 @@ def read_image(path: str | Path, settings: Settings, *, root: Path | None = None
         if not resolved.is_relative_to(root.resolve()):
             raise InvalidInput(f"image path {str(path)!r} escapes the source folder")
         candidate = resolved
-    if not candidate.exists():
-        raise InvalidInput(f"image {str(path)!r} does not exist")
-    if not candidate.is_file():
-        raise InvalidInput(f"image {str(path)!r} is not a regular file")
-    size = candidate.stat().st_size
-    if size > settings.max_image_bytes:
-        raise InvalidInput(f"image {str(path)!r} is {size:,} bytes; the limit is {settings.max_image_bytes:,}")
-    data = candidate.read_bytes()
-    check_image_bytes(data, str(path), settings)
+    try:
+        data, _ = read_image_file(candidate, str(path), max_bytes=settings.max_image_bytes,
+                                  max_pixels=settings.max_image_pixels, allowed_formats=COMMON_IMAGE_FORMATS)
+    except InvalidFactError as exc:
+        raise InvalidInput(str(exc)) from exc
     return data
 
 
-def check_image_bytes(data: bytes, name: str, settings: Settings) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ALLOWED_IMAGE_FORMATS:
-                raise InvalidInput(f"image {name!r} is {image.format}; use PNG, JPEG, GIF, BMP or WEBP")
-            pixels = image.width * image.height
-            if pixels > settings.max_image_pixels:
-                raise InvalidInput(
-                    f"image {name!r} has {image.width}x{image.height} pixels; the limit is "
-                    f"{settings.max_image_pixels:,}"
-                )
-            image.load()
-    except InvalidInput:
-        raise
-    except Exception as exc:  # noqa: BLE001  (PIL raises many types for bad files)
-        raise InvalidInput(f"image {name!r} is not a readable image ({type(exc).__name__}: {exc})") from exc
-
-
 def clean_text(value: str, what: str, limit: int) -> str:
-    text = " ".join(value.split()) if value is not None else ""
-    if not text:
-        raise InvalidInput(f"{what} is empty")
-    if len(text) > limit:
-        raise InvalidInput(f"{what} is {len(text):,} characters long; the limit is {limit:,}")
-    if "\x00" in text:
-        raise InvalidInput(f"{what} contains a NUL character")
+    """`editor.fact.clean_text` (the one cleaning of questions and answers) with the daemon's error."""
+    from editor.errors import InvalidFactError
+    from editor.fact import clean_text as clean
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(f"{what} is not valid UTF-8 (byte {exc.start})") from exc
-    return text
+        return clean(value, what, limit)
+    except InvalidFactError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+def check_fact_limits(fact: FactInput, settings: Settings) -> None:
+    """Refuse a fact with more rephrasings or negatives than the settings allow: each one is work
+    in every edit of it (a training row per optimisation step, a row of the keys pass)."""
+    rephrases = len(fact.rephrases)
+    if rephrases > settings.max_rephrases_per_fact:
+        raise InvalidInput(f"{rephrases:,} rephrases; the limit is {settings.max_rephrases_per_fact:,} "
+                           "(KB_MAX_REPHRASES)")
+    negatives = len(fact.negative_images) + len(fact.negative_questions)
+    if negatives > settings.max_negatives_per_fact:
+        raise InvalidInput(f"{negatives:,} negatives (images and questions); the limit is "
+                           f"{settings.max_negatives_per_fact:,} (KB_MAX_NEGATIVES)")
 
 
 @dataclass(frozen=True)
