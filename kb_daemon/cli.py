@@ -439,6 +439,54 @@ def rollback(state: State, version: int, wait: bool, timeout: float, actor: str 
 
 
 @cli.command()
+@click.argument("job_id", type=int)
+@click.option("--wait", is_flag=True, help="With a running job: block until it has stopped.")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@actor_option
+@json_option
+@model_option
+@pass_state
+def cancel(state: State, job_id: int, wait: bool, timeout: float, actor: str | None, as_json: bool) -> None:
+    """Cancel JOB_ID: a queued job never runs; a running one stops at its next fact boundary.
+
+    Nothing of a cancelled job is stored as a version; its facts are marked cancelled in the ledger
+    (`kbctl retry JOB_ID` queues the same work again).
+
+    \b
+    Example:
+        kbctl cancel 12 --wait
+    """
+    result = state.service.cancel(state.model, job_id, actor=actor_of(actor))
+    data = result.as_dict()
+    if result.status == "running" and wait:
+        data["status"] = state.service.wait_ended(state.model, job_id, timeout).status
+    text = (f"job {job_id} cancelled" if data["status"] == "cancelled"
+            else f"job {job_id} is {data['status']}" + ("; it stops at its next fact boundary"
+                                                         if data["status"] == "running" else ""))
+    emit(as_json, data, text)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("--wait", is_flag=True, help="Block until the new job is applied.")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+@actor_option
+@json_option
+@model_option
+@pass_state
+def retry(state: State, job_id: int, wait: bool, timeout: float, actor: str | None, as_json: bool) -> None:
+    """Queue a failed or cancelled job's work again, as a new job; its facts go back to pending.
+
+    \b
+    Example:
+        kbctl retry 12 --wait
+    """
+    queued = waited(state, state.service.retry(state.model, job_id, actor=actor_of(actor)), wait, timeout, as_json)
+    emit(as_json, {"retry_of": job_id, **queued.as_dict()}, f"job {job_id} queued again as job {queued.job_id}"
+         + (f"; version {queued.outcome.version}" if queued.outcome else ""))
+
+
+@cli.command()
 @click.argument("version", type=int)
 @actor_option
 @json_option

@@ -213,7 +213,7 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
 
     Per key, a line is compared with the fact that is in the knowledge (applied, held or pending):
     same answer, unchanged; another answer, a new fact that supersedes it. With none in the
-    knowledge: a fact that failed is queued again, a fact that a retract or rollback removed is
+    knowledge: a fact that failed or was cancelled is queued again, a fact that a retract or rollback removed is
     skipped unless the line's answer changed, and an unknown key is new. `sync` retracts the
     applied facts that came from this same source and are no longer in it.
     """
@@ -244,7 +244,7 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
                 skipped.append({"key": item.key, "fact_id": last.id, "where": item.where,
                                 "reason": f"{last.status.replace('_', ' ')} at version {last.left_version}; "
                                           "change the line to apply it again"})
-            elif last is not None and last.status == FactStatus.FAILED.value:
+            elif last is not None and last.status in (FactStatus.FAILED.value, FactStatus.CANCELLED.value):
                 retried.append(item)
             else:
                 new.append(item)

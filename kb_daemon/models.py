@@ -21,7 +21,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from kb_daemon.errors import KbError
 
@@ -173,6 +173,8 @@ class Job(Base):
     progress_done: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # Who asked to cancel this running job; its worker stops at the next fact boundary.
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -180,6 +182,13 @@ class Job(Base):
         UniqueConstraint("model_id", "seq", name="uq_jobs_model_seq"),
         Index("ix_jobs_model_status", "model_id", "status"),
     )
+
+    @property
+    def fact_ids(self) -> list[str]:
+        """The facts this job applies: an edit's one, a batch's list (retracts and rollbacks: none)."""
+        if self.kind == "edit":
+            return [self.payload["fact_id"]]
+        return list(self.payload.get("facts", [])) if self.kind == "batch" else []
 
 
 # ----- statuses -------------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class JobStatus(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     HELD = "held"  # its version was held by the canary check; `kbctl promote` makes it done
+    CANCELLED = "cancelled"  # `kbctl cancel`: never ran, or stopped at a fact boundary with nothing stored
 
 
 class FactStatus(str, enum.Enum):
@@ -203,6 +213,7 @@ class FactStatus(str, enum.Enum):
     RETRACTED = "retracted"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its job was cancelled before the fact was applied
 
 
 # Every change of a status goes through `change_status`, which allows exactly these moves.
@@ -210,6 +221,7 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({
         JobStatus.RUNNING,  # claimed with a lease
         JobStatus.FAILED,  # given up after too many attempts
+        JobStatus.CANCELLED,  # cancelled before any worker claimed it
     }),
     JobStatus.RUNNING: frozenset({
         JobStatus.RUNNING,  # its lease expired and a worker claimed it again
@@ -217,10 +229,12 @@ JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         JobStatus.DONE,
         JobStatus.HELD,
         JobStatus.FAILED,  # the job failed, or was given up after too many attempts
+        JobStatus.CANCELLED,  # its worker saw the cancel request at a fact boundary
     }),
     JobStatus.HELD: frozenset({JobStatus.DONE}),  # its version promoted
     JobStatus.DONE: frozenset(),
-    JobStatus.FAILED: frozenset(),
+    JobStatus.FAILED: frozenset(),  # `kbctl retry` queues a new job with the same work
+    JobStatus.CANCELLED: frozenset(),
 }
 
 FACT_TRANSITIONS: dict[FactStatus, frozenset[FactStatus]] = {
@@ -229,6 +243,7 @@ FACT_TRANSITIONS: dict[FactStatus, frozenset[FactStatus]] = {
         FactStatus.HELD,
         FactStatus.SUPERSEDED,  # by a later fact of its own batch
         FactStatus.FAILED,  # its edit job failed
+        FactStatus.CANCELLED,  # its job was cancelled
     }),
     FactStatus.HELD: frozenset({FactStatus.APPLIED}),  # promoted, or rolled back to
     FactStatus.APPLIED: frozenset({FactStatus.SUPERSEDED, FactStatus.RETRACTED, FactStatus.ROLLED_BACK}),
@@ -236,8 +251,15 @@ FACT_TRANSITIONS: dict[FactStatus, frozenset[FactStatus]] = {
     FactStatus.SUPERSEDED: frozenset({FactStatus.APPLIED}),
     FactStatus.RETRACTED: frozenset({FactStatus.APPLIED}),
     FactStatus.ROLLED_BACK: frozenset({FactStatus.APPLIED}),
-    FactStatus.FAILED: frozenset(),
+    FactStatus.FAILED: frozenset({FactStatus.PENDING}),  # `kbctl retry` of its job
+    FactStatus.CANCELLED: frozenset({FactStatus.PENDING}),  # `kbctl retry` of its job
 }
+
+
+def facts_in_status(session: Session, job: Job, status: FactStatus) -> list[Fact]:
+    """The job's facts that are in `status`, in the job's order."""
+    facts = [session.get(Fact, fact_id) for fact_id in job.fact_ids]
+    return [f for f in facts if f is not None and f.status == status.value]
 
 
 class IllegalTransition(KbError):

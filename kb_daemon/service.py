@@ -21,8 +21,19 @@ from sqlalchemy.orm import Session
 
 from kb_daemon.config import DEFAULT_MODEL, Settings, redact
 from kb_daemon.db import Database
-from kb_daemon.errors import InvalidInput, KbError
-from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, Version, as_utc, utcnow
+from kb_daemon.errors import InvalidInput, KbError, NotFound
+from kb_daemon.models import (
+    Fact,
+    FactStatus,
+    Job,
+    JobStatus,
+    Model,
+    Version,
+    as_utc,
+    change_status,
+    facts_in_status,
+    utcnow,
+)
 from kb_daemon.queue import FactInput
 
 DEMO_REFERENCE_POOL = "easy-vqa"
@@ -133,6 +144,14 @@ class IngestResult(Result):
         if self.outcome is not None:
             data.update(self.outcome.as_dict())
         return data
+
+
+@dataclass(frozen=True)
+class Cancelled(Result):
+    """`status` is cancelled (it was queued) or running (it stops at its next fact boundary)."""
+
+    job_id: int
+    status: str
 
 
 @dataclass(frozen=True)
@@ -453,6 +472,46 @@ class Service:
             self._signal(model)
         return result
 
+    def cancel(self, model: str, job_id: int, *, actor: str) -> Cancelled:
+        """A queued job never runs; a running one stops at its next fact boundary, storing nothing.
+        Its pending facts end as cancelled in the ledger."""
+        from kb_daemon.queue import get_job, lock_model
+
+        with self.checked_db().session() as session:
+            row = lock_model(session, _model(session, model).id)  # the lock a worker's commit takes
+            job = _job_of(session, row, get_job(session, job_id))
+            if job.status == JobStatus.QUEUED.value:
+                change_status(job, JobStatus.CANCELLED)
+                job.error, job.finished_at = f"cancelled by {actor}", utcnow()
+                for fact in facts_in_status(session, job, FactStatus.PENDING):
+                    change_status(fact, FactStatus.CANCELLED)
+                    fact.error = f"cancelled by {actor} (job {job_id})"
+                return Cancelled(job_id, JobStatus.CANCELLED.value)
+            if job.status == JobStatus.RUNNING.value:
+                job.cancel_requested_by = actor
+                return Cancelled(job_id, JobStatus.RUNNING.value)
+            raise InvalidInput(f"job {job_id} is {job.status}; only a queued or running job can be cancelled")
+
+    def retry(self, model: str, job_id: int, *, actor: str) -> Queued:
+        """Queue a failed or cancelled job's work again, as a new job at the end of the queue; its
+        facts go back to pending."""
+        from kb_daemon.queue import enqueue, get_job
+
+        ended = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            job = _job_of(session, row, get_job(session, job_id))
+            if job.status not in ended:
+                raise InvalidInput(f"job {job_id} is {job.status}; only a failed or cancelled job can be retried")
+            for status in (FactStatus.FAILED, FactStatus.CANCELLED):
+                for fact in facts_in_status(session, job, status):
+                    change_status(fact, FactStatus.PENDING)
+                    fact.error = None
+            new = enqueue(session, row, job.kind, dict(job.payload), actor=actor, source=f"retry:{job_id}")
+            queued = Queued(new.id)
+        self._signal(model)
+        return queued
+
     def wait(self, job_id: int, timeout_seconds: float, progress: ProgressCallback | None = None,
              poll_seconds: float = 0.2) -> JobOutcome:
         """Poll a job until it is done or held; a failed job or the timeout raises `KbError`."""
@@ -471,6 +530,8 @@ class Service:
                 return JobOutcome(status, result.get("version"), result.get("canaries"))
             if status == JobStatus.FAILED.value:
                 raise KbError(f"job {job_id} failed: {error}")
+            if status == JobStatus.CANCELLED.value:
+                raise KbError(f"job {job_id} was {error}")
             if time.monotonic() > deadline:
                 raise KbError(f"timed out after {timeout_seconds:.0f} s waiting for job {job_id} ({status}); "
                               "is a worker running? start one with `kbctl up` or `kbctl worker`")
@@ -488,6 +549,21 @@ class Service:
             row = _model(session, model)
             return [JobInfo.of(j) for j in session.execute(
                 select(Job).where(Job.model_id == row.id).order_by(Job.seq.desc()).limit(limit)).scalars()]
+
+    def job(self, model: str, job_id: int) -> JobInfo:
+        from kb_daemon.queue import get_job
+
+        with self.checked_db().session() as session:
+            return JobInfo.of(_job_of(session, _model(session, model), get_job(session, job_id)))
+
+    def wait_ended(self, model: str, job_id: int, timeout_seconds: float, poll_seconds: float = 0.2) -> JobInfo:
+        """Poll until the job is no longer queued or running, whatever its end."""
+        deadline = time.monotonic() + timeout_seconds
+        while (info := self.job(model, job_id)).unfinished:
+            if time.monotonic() > deadline:
+                raise KbError(f"timed out after {timeout_seconds:.0f} s waiting for job {job_id} ({info.status})")
+            time.sleep(poll_seconds)
+        return info
 
     def status(self, model: str) -> ModelStatus:
         from kb_daemon.queue import queue_depth
@@ -609,6 +685,13 @@ def _model(session: Session, name: str) -> Model:
     from kb_daemon.queue import get_model
 
     return get_model(session, name)
+
+
+def _job_of(session: Session, model: Model, job: Job) -> Job:
+    """`job` if it belongs to `model`; a job of another model is reported as not found."""
+    if job.model_id != model.id:
+        raise NotFound(f"model {model.name!r} has no job {job.id}")
+    return job
 
 
 def _facts_by_id(session: Session, fact_ids: Sequence[str]) -> dict[str, Fact]:

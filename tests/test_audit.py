@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "retract": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "rollback": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "promote": ("writes", {"--actor", "--json", *MODEL}),
+    "cancel": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
+    "retry": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "ingest": ("writes", {"--actor", "--json", "--sync", "--timeout", "--wait", *MODEL}),
     "worker": ("daemon", {"--loglevel", *MODEL}),
     "up": ("daemon", {"--loglevel", *MODEL}),
@@ -206,6 +208,11 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         source2 = write_source(tmp_path / "nightly2", assets, [
             {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2 new"}])
         run(d, "ingest", str(source2), "--sync", "--actor", "nightly-bot", "--wait", "--json")
+        # A job cancelled before any worker ran it, then queued again.
+        cancelled = run(gated, "submit-fact", "--image", str(assets / "img1.png"), "--question", Q,
+                        "--answer", "a5", "--actor", "ivan", "--json")
+        run(gated, "cancel", str(cancelled["job_id"]), "--actor", "ivan", "--json")
+        run(gated, "retry", str(cancelled["job_id"]), "--actor", "ivan", "--json")
         start(gated, "up")
         held_result = run(gated, "ingest", str(write_source(tmp_path / "gated", assets, [
             {"key": "g0", "image": "img0.png", "question": Q, "answer": "gated answer"}])),
@@ -251,5 +258,6 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
     held_summary = json.loads(held_row[5]) if isinstance(held_row[5], str) else held_row[5]
     assert summary == {**held_summary, "promoted_by": "hank"}
     gated_history = gated.kbctl("history", "--json")
-    assert [(v["kind"], v["actor"], v["held"]) for v in reversed(gated_history)] == [
-        ("init", "carol", False), ("batch", "gina", False)]
+    assert [(v["kind"], v["actor"], v["source"], v["held"]) for v in reversed(gated_history)] == [
+        ("init", "carol", "cli", False), ("edit", "ivan", f"retry:{cancelled['job_id']}", False),
+        ("batch", "gina", f"cli:{(tmp_path / 'gated').resolve()}", False)]

@@ -22,8 +22,9 @@ from kb_daemon.models import (
 )
 
 # The strings stored in jobs.status and facts.status: changing one needs a migration.
-STORED_JOB_STATUSES = {"queued", "running", "done", "failed", "held"}
-STORED_FACT_STATUSES = {"pending", "applied", "held", "superseded", "retracted", "rolled_back", "failed"}
+STORED_JOB_STATUSES = {"queued", "running", "done", "failed", "held", "cancelled"}
+STORED_FACT_STATUSES = {"pending", "applied", "held", "superseded", "retracted", "rolled_back", "failed",
+                        "cancelled"}
 
 JOB_PAIRS = [(a, b) for a in JobStatus for b in JobStatus]
 FACT_PAIRS = [(a, b) for a in FactStatus for b in FactStatus]
@@ -63,7 +64,7 @@ def test_fact_transition(current, new):
 def test_terminal_statuses_say_nothing_follows_them():
     with pytest.raises(IllegalTransition, match=r"^job 3 cannot go from done to queued \(from done: nothing\)$"):
         change_status(Job(id=3, status="done"), JobStatus.QUEUED)
-    with pytest.raises(IllegalTransition, match=r"\(from queued: failed, running\)$"):
+    with pytest.raises(IllegalTransition, match=r"\(from queued: cancelled, failed, running\)$"):
         change_status(Job(id=3, status="queued"), JobStatus.DONE)
 
 

@@ -27,7 +27,7 @@ from kb_daemon.config import Settings
 from kb_daemon.db import Database, DatabaseUnavailable, JSONItems
 from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
-from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, utcnow
+from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
 from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
@@ -155,6 +155,12 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
         if runtime is not None:
             runtime.invalidate()
         raise
+    except JobCancelled as exc:
+        if runtime is not None:
+            runtime.invalidate()
+        record_cancel(db, job_id, worker, exc.actor)
+        logger.info("job %d cancelled by %s", job_id, exc.actor)
+        return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
     except Conflict as exc:
         if runtime is not None:
             runtime.invalidate()
@@ -212,6 +218,7 @@ def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, work
         change.result["resumed_at"] = start
         logger.info("job %d: resuming the batch after fact %d of %d", job.id, start, len(fact_ids))
     for done, fact_id in enumerate(fact_ids[start:], start + 1):
+        check_not_cancelled(db, job.id)
         try:
             _apply_fact(db, runtime, change, fact_id)
         except (KbError, EditorError, ValueError) as exc:
@@ -314,6 +321,8 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         job = session.get(Job, job_id)
         assert job is not None
         assert_lease(session, job, worker)
+        if job.cancel_requested_by:  # under the model lock that `kbctl cancel` takes too
+            raise JobCancelled(job.cancel_requested_by)
         if model.head_version != head:
             raise Conflict(f"head moved from {head} to {model.head_version} while job {job_id} ran; it will rerun")
         store_new_entries(session, model, codebook, change)
@@ -387,6 +396,46 @@ def _update_ledger(session: Any, version: Any, change: Change) -> None:
             fact.superseded_by = change.superseded.get(fact_id)
 
 
+def _end_running_job(session: Any, job_id: int, worker: str, status: JobStatus, error: str) -> Job | None:
+    """Move our running job to `status` with `error` and give up its lease; None when the job is no
+    longer ours (see queue.assert_lease)."""
+    job = session.get(Job, job_id)
+    if job is None or job.lease_owner != worker or job.status != JobStatus.RUNNING:
+        return None
+    change_status(job, status)
+    job.error, job.finished_at = error, utcnow()
+    job.lease_owner, job.lease_expires_at = None, None
+    return job
+
+
+class JobCancelled(KbError):
+    """`kbctl cancel` asked this running job to stop; it stops at a fact boundary, storing nothing."""
+
+    def __init__(self, actor: str) -> None:
+        super().__init__(f"cancelled by {actor}")
+        self.actor = actor
+
+
+def check_not_cancelled(db: Database, job_id: int) -> None:
+    """At a fact boundary: stop if someone asked to cancel the job."""
+    with db.session() as session:
+        actor = session.execute(select(Job.cancel_requested_by).where(Job.id == job_id)).scalar_one_or_none()
+    if actor:
+        raise JobCancelled(actor)
+
+
+def record_cancel(db: Database, job_id: int, worker: str, actor: str) -> None:
+    """The job stopped on request: it and its facts still pending are cancelled; nothing was stored
+    but a batch's checkpointed entries, which no version holds."""
+    with db.session() as session:
+        job = _end_running_job(session, job_id, worker, JobStatus.CANCELLED, f"cancelled by {actor}")
+        if job is None:
+            return
+        for fact in facts_in_status(session, job, FactStatus.PENDING):
+            change_status(fact, FactStatus.CANCELLED)
+            fact.error = f"cancelled by {actor} (job {job_id})"
+
+
 class FactFailed(KbError):
     """One fact of a batch could not be applied: the batch fails, naming it."""
 
@@ -399,18 +448,12 @@ def record_failure(db: Database, job_id: int, worker: str, message: str, failed_
     """The job failed: so did each of its facts still pending, with the reason (a batch's other
     facts say which fact stopped it). Re-running their source queues them again."""
     with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.lease_owner != worker or job.status != JobStatus.RUNNING:
-            return  # no longer ours (see queue.assert_lease)
-        change_status(job, JobStatus.FAILED)
-        job.error, job.finished_at = message, utcnow()
-        job.lease_owner, job.lease_expires_at = None, None
-        fact_ids = [job.payload["fact_id"]] if job.kind == "edit" else list(job.payload.get("facts", []))
-        for fact_id in fact_ids:
-            fact = session.get(Fact, fact_id)
-            if fact is not None and fact.status == FactStatus.PENDING:
-                change_status(fact, FactStatus.FAILED)
-                fact.error = message if fact_id == failed_fact or job.kind == "edit" else (
+        job = _end_running_job(session, job_id, worker, JobStatus.FAILED, message)
+        if job is None:
+            return
+        for fact in facts_in_status(session, job, FactStatus.PENDING):
+            change_status(fact, FactStatus.FAILED)
+            fact.error = message if fact.id == failed_fact or job.kind == "edit" else (
                     f"not applied: batch job {job_id} failed on fact {failed_fact}" if failed_fact
                     else f"not applied: batch job {job_id} failed: {message}")
 
