@@ -89,7 +89,18 @@ CASES = {
     "huge question": (["submit-fact", "--image", "{root}/good.png", "--question", "q" * 100_000, "--answer", "a"],
                       "Error: question is 100,000 characters long; the limit is 2,000"),
     "invalid utf-8": (["submit-fact", "--image", "{root}/good.png", "--question", "caf\udce9?", "--answer", "a"],
-                      "Error: question is not valid UTF-8 (byte 3)"),
+                      "Error: question contains the lone surrogate U+DCE9 at position 3; remove it"),
+    "right-to-left override in an answer": (
+        ["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "ring\u202egnir"],
+        "Error: answer contains the bidirectional control character U+202E at position 4; remove it"),
+    "bell in an answer": (["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "ring\x07"],
+                          "Error: answer contains the control character U+0007 at position 4; remove it"),
+    "escape in a question": (
+        ["submit-fact", "--image", "{root}/good.png", "--question", "\x1b[2Jwhat shape?", "--answer", "a"],
+        "Error: question contains the control character U+001B at position 0; remove it"),
+    "escape in a rephrase": (
+        ["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "a", "--rephrase", "which\x1b?"],
+        "Error: rephrase contains the control character U+001B at position 5; remove it"),
     "unknown model": (["--model", "nope", "submit-fact", "--image", "{root}/good.png", "--question", Q,
                        "--answer", "a"], "Error: unknown model 'nope' (registered: demo, other, tiny)"),
     "rollback to a missing version": (["rollback", "99"], "Error: model 'tiny' has no version 99 (versions 0..0)"),
@@ -134,5 +145,6 @@ def test_bad_input_is_refused_cleanly(setup, case):
     result = d.kbctl(*args, expect=1)
     assert result.stderr.startswith(expected), result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert "BytesIO" not in result.stderr  # an image is named as the user gave it
     assert counts(d) == before
     assert not (root / "export").exists()
