@@ -16,7 +16,7 @@ from editor.adapter import CodebookAdapter, KeysCaptured, Mode, install, layer_s
 from editor.backbones import Backbone, Batch, Query, image_bytes
 from editor.codebook import Codebook, CodebookSpec, Entry
 from editor.config import EditConfig
-from editor.errors import EditorError, InvalidFactError
+from editor.errors import EditorError, IncompatibleCodebookError, InvalidFactError
 from editor.fact import EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
 from editor.radius import choose_radius, pairwise_distances
 from editor.samples import Paraphraser, ReferenceItem, TemplateParaphraser, black_image, distinct_questions
@@ -120,6 +120,22 @@ class Editor:
     @property
     def codebook(self) -> Codebook:
         return self.adapter.codebook
+
+    def reconfigure(self, hparams: dict[str, Any], reference_pool: Iterable[ReferenceItem] | None = None) -> None:
+        """Use other editing hyperparameters (and hard-negative pool) for the edits from now on.
+
+        The method and the distance stay: the codebook's keys and radii were made under them."""
+        config = EditConfig.from_dict({"method": self.config.method, **hparams})
+        for name in ("method", "distance"):
+            if getattr(config, name) != getattr(self.config, name):
+                raise IncompatibleCodebookError(
+                    f"{name} cannot change from {getattr(self.config, name)!r} to {getattr(config, name)!r}: "
+                    "the codebook was built under it"
+                )
+        self.config = config
+        if reference_pool is not None:
+            self.reference_pool = list(reference_pool)
+            self._pool = None
 
     def load_codebook(self, codebook: Codebook) -> None:
         """Replace the codebook (e.g. with a stored version); refuses a foreign one."""

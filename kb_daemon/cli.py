@@ -250,6 +250,41 @@ def model_add(state: State, name: str, path: str, layer: str | None, hparams: tu
     emit(as_json, info.as_dict(), f"registered model {name} ({info.path})")
 
 
+@model.command("set")
+@click.argument("name")
+@click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE",
+              help="Editing hyperparameter to change, e.g. max_answer_tokens=96 (repeatable).")
+@click.option("--reference-pool", help="Hard-negative pool: 'easy-vqa' or a JSON Lines file.")
+@click.option("--canary", type=click.Path(exists=True, dir_okay=False), help="Canary inputs (JSON Lines).")
+@click.option("--canary-max-changed", type=float, help="Share of canary answers a batch may change before it is held.")
+@click.option("--ingest-source", help="File or folder the nightly batch reads.")
+@actor_option
+@json_option
+@pass_state
+def model_set(state: State, name: str, hparams: tuple[str, ...], reference_pool: str | None, canary: str | None,
+              canary_max_changed: float | None, ingest_source: str | None, actor: str | None, as_json: bool) -> None:
+    """Change the settings of registered model NAME.
+
+    The change takes its place in the model's ordered queue (`kbctl jobs` lists it, with who made
+    it): jobs queued before it run with the old settings, jobs queued after it with the new ones.
+    Versions already built keep what they were built with. The method and the distance cannot
+    change: the stored codebooks were made under them.
+
+    \b
+    Example:
+        kbctl model set demo --hparam max_answer_tokens=96 --canary canaries.jsonl
+    """
+    from kb_daemon.service import parse_hparams
+
+    result = state.service.set_model(
+        name, actor=actor_of(actor), hparams=parse_hparams(hparams), reference_pool=reference_pool,
+        canary=absolute(canary) if canary else None, canary_max_changed=canary_max_changed,
+        ingest_source=absolute(ingest_source) if ingest_source else None,
+    )
+    emit(as_json, result.as_dict(), f"model {name}: {', '.join(result.changed)} changed "
+                                    f"(recorded as job {result.job_id}; jobs queued from now on use it)")
+
+
 def absolute(path: str) -> str:
     return str(Path(path).resolve())
 
@@ -620,7 +655,7 @@ def jobs(state: State, limit: int, follow: bool, interval: float, as_json: bool)
     """
     import time
 
-    last: list[tuple[Any, ...]] = []
+    last: list[tuple[Any, ...]] | None = None
     while True:
         rows = state.service.jobs(state.model, limit)
         seen = [(j.id, j.status, j.progress, j.error) for j in rows]

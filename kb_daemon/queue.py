@@ -181,17 +181,50 @@ def get_fact(session: Session, model: Model, fact_id: str) -> Fact:
 
 
 # ----- jobs -----------------------------------------------------------------------------------
-def enqueue(session: Session, model: Model, kind: str, payload: dict[str, Any], *, actor: str, source: str) -> Job:
-    """Append a job to the model's ordered queue (the sequence number comes from a row counter)."""
+def enqueue(session: Session, model: Model, kind: str, payload: dict[str, Any], *, actor: str, source: str,
+            created: JobStatus = JobStatus.QUEUED) -> Job:
+    """Append a job to the model's ordered queue (the sequence number comes from a row counter).
+    `created` DONE records an event that takes its place in the order but never runs."""
     seq = session.execute(
         update(Model).where(Model.id == model.id).values(next_job_seq=Model.next_job_seq + 1)
         .returning(Model.next_job_seq)
     ).scalar_one()
-    job = Job(model_id=model.id, seq=seq, kind=kind, status=JobStatus.QUEUED.value, payload=payload, actor=actor,
-              source=source, attempts=0, progress_done=0, progress_total=0)
+    job = Job(model_id=model.id, seq=seq, kind=kind, status=created.value, payload=payload, actor=actor,
+              source=source, attempts=0, progress_done=0, progress_total=0,
+              finished_at=utcnow() if created == JobStatus.DONE else None)
     session.add(job)
     session.flush()
     return job
+
+
+def record_settings_change(session: Session, model: Model, before: dict[str, Any], after: dict[str, Any], *,
+                           actor: str, source: str) -> Job:
+    """A change of the model's settings, as a finished job in its ordered queue: the jobs queued
+    before it run with `before`, the ones after it with `after` (see `settings_for`)."""
+    return enqueue(session, model, "settings", {"before": before, "after": after}, actor=actor, source=source,
+                   created=JobStatus.DONE)
+
+
+def model_settings(model: Model) -> dict[str, Any]:
+    """What a job of `model` runs with, as the model row holds it now."""
+    return {"hparams": dict(model.hparams), "reference_pool": model.reference_pool,
+            "canary_path": model.canary_path, "canary_max_changed": model.canary_max_changed}
+
+
+def settings_for(session: Session, model: Model, seq: int) -> dict[str, Any]:
+    """The settings of the job at `seq`: the latest settings change queued before it, else what the
+    first change after it replaced, else the model's current ones."""
+    earlier = session.execute(
+        select(Job.payload).where(Job.model_id == model.id, Job.kind == "settings", Job.seq < seq)
+        .order_by(Job.seq.desc()).limit(1)
+    ).scalar_one_or_none()
+    if earlier is not None:
+        return dict(earlier["after"])
+    later = session.execute(
+        select(Job.payload).where(Job.model_id == model.id, Job.kind == "settings", Job.seq > seq)
+        .order_by(Job.seq).limit(1)
+    ).scalar_one_or_none()
+    return dict(later["before"]) if later is not None else model_settings(model)
 
 
 def get_job(session: Session, job_id: int) -> Job:

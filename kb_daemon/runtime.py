@@ -79,6 +79,16 @@ class ModelRuntime:
                                     **dict(model.hparams))
         self.spec = dataclasses.asdict(self.editor.spec)
         self.version: int | None = None
+        self.hparams = dict(model.hparams)
+        self.reference_pool = model.reference_pool
+
+    def configure(self, hparams: dict[str, Any], reference_pool: str | None) -> None:
+        """Edit with these hyperparameters and this hard-negative pool from now on (`kbctl model set`)."""
+        if hparams == self.hparams and reference_pool == self.reference_pool:
+            return
+        pool = load_reference_pool(reference_pool) if reference_pool != self.reference_pool else None
+        self.editor.reconfigure(hparams, pool)
+        self.hparams, self.reference_pool = dict(hparams), reference_pool
 
     def check_spec(self, session: Session, model: Model) -> None:
         set_spec(session, model, self.spec)

@@ -87,6 +87,18 @@ class ModelInfo(Result):
 
 
 @dataclass(frozen=True)
+class SettingsChange(Result):
+    """A model's settings after `set_model`, the job that records the change, what changed."""
+
+    model: ModelInfo
+    job_id: int
+    changed: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.model.as_dict(), "job_id": self.job_id, "changed": self.changed}
+
+
+@dataclass(frozen=True)
 class Queued(Result):
     """A job was queued (and its worker signalled); `outcome` is set when the caller waited."""
 
@@ -409,6 +421,43 @@ class Service:
                                            f"{redact(self.settings.broker_url)} ({type(exc).__name__}); "
                                            "its worker declares it on start")
         return info
+
+    def set_model(self, name: str, *, actor: str, hparams: dict[str, Any] | None = None,
+                  reference_pool: str | None = None, canary: str | None = None,
+                  canary_max_changed: float | None = None, ingest_source: str | None = None) -> SettingsChange:
+        """Change a registered model's settings. Recorded as a job in its ordered queue: jobs queued
+        before the change run with the old settings, jobs queued after it with the new ones;
+        versions already built keep what they were built with. The method and the distance cannot
+        change (the stored codebooks were made under them)."""
+        from editor.config import EditConfig  # a dataclass module: no torch
+        from kb_daemon.queue import lock_model, model_settings, record_settings_change
+
+        with self.checked_db().session() as session:
+            row = lock_model(session, _model(session, name).id)
+            before, before_source = model_settings(row), row.ingest_source
+            merged = {**row.hparams, **(hparams or {})}
+            for fixed in ("method", "distance"):
+                if merged.get(fixed) != row.hparams.get(fixed):
+                    raise InvalidInput(f"{fixed} of model {name!r} cannot change from {row.hparams.get(fixed)!r} "
+                                       f"to {merged.get(fixed)!r}: its codebooks were built under it; register the "
+                                       "weights again as another model")
+            pinned = EditConfig.from_dict(merged).to_dict()
+            if canary_max_changed is not None and not 0.0 <= canary_max_changed <= 1.0:
+                raise InvalidInput(f"canary share must lie in [0, 1], got {canary_max_changed}")
+            row.hparams = pinned
+            row.reference_pool = reference_pool if reference_pool is not None else row.reference_pool
+            row.canary_path = canary if canary is not None else row.canary_path
+            row.canary_max_changed = canary_max_changed if canary_max_changed is not None else row.canary_max_changed
+            row.ingest_source = ingest_source if ingest_source is not None else row.ingest_source
+            after = model_settings(row)
+            changed = [f"hparams.{k}" for k, v in sorted(after["hparams"].items()) if before["hparams"].get(k) != v]
+            changed += [k for k in sorted(before) if k != "hparams" and before[k] != after[k]]
+            if ingest_source is not None and ingest_source != before_source:
+                changed.append("ingest_source")
+            if not changed:
+                raise InvalidInput(f"model {name!r} already has these settings; nothing changed")
+            job = record_settings_change(session, row, before, after, actor=actor, source="cli")
+            return SettingsChange(ModelInfo.of(row), job.id, changed)
 
     def list_models(self) -> list[ModelInfo]:
         with self.checked_db().session() as session:

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "db upgrade": ("writes", {"--json"}),
     "model add": ("writes", {"--actor", "--canary", "--canary-max-changed", "--hparam", "--ingest-source",
                              "--json", "--layer", "--reference-pool"}),
+    "model set": ("writes", {"--actor", "--canary", "--canary-max-changed", "--hparam", "--ingest-source",
+                             "--json", "--reference-pool"}),
     "submit-fact": ("writes", {"--actor", "--answer", "--image", "--json", "--negative-image",
                                "--negative-question", "--question", "--rephrase", "--timeout", "--wait", *MODEL}),
     "retract": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
@@ -208,6 +210,7 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         source2 = write_source(tmp_path / "nightly2", assets, [
             {"key": "k2", "image": "img2.png", "question": Q, "answer": "a2 new"}])
         run(d, "ingest", str(source2), "--sync", "--actor", "nightly-bot", "--wait", "--json")
+        run(d, "model", "set", "gated", "--hparam", "max_steps=250", "--actor", "carol", "--json")
         # A job cancelled before any worker ran it, then queued again.
         cancelled = run(gated, "submit-fact", "--image", str(assets / "img1.png"), "--question", Q,
                         "--answer", "a5", "--actor", "ivan", "--json")

@@ -28,7 +28,7 @@ from kb_daemon.db import Database, DatabaseUnavailable, JSONItems
 from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
-from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease
+from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
 from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
 
@@ -145,7 +145,10 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
         # A rollback must work even when the head's codebook is damaged: it loads its own.
         loaded = load_model(db, model_name, runtime_for=runtime_for, load_codebook=job.kind != "rollback")
         runtime, model, head = loaded.runtime, loaded.model, loaded.head
-        change = execute(db, runtime, model, job, worker, head, settings.batch_checkpoint_facts)
+        with db.session() as session:  # `kbctl model set`: a job runs with the settings queued before it
+            effective = settings_for(session, model, job.seq)
+        runtime.configure(effective["hparams"], effective["reference_pool"])
+        change = execute(db, runtime, model, job, worker, head, settings.batch_checkpoint_facts, effective)
         outcome = commit(db, runtime, model_name, job_id, worker, head, change)
         # The job's appends are over: between jobs the codebook holds one exact copy of its tensors.
         runtime.editor.codebook.compact()
@@ -175,7 +178,7 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
 
 
 def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
-            checkpoint_every: int = 20) -> Change:
+            checkpoint_every: int = 20, effective: dict[str, Any] | None = None) -> Change:
     """Apply the job to the runtime's in-memory codebook; only batches write (checkpoints)."""
     ed = runtime.editor
     change = Change(job.kind)
@@ -189,18 +192,20 @@ def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker:
         ed.load_codebook(codebook)
         change.result["rolled_back_to"] = int(job.payload["version"])
     elif job.kind == "batch":
-        _run_batch(db, runtime, model, job, worker, head, change, checkpoint_every)
+        _run_batch(db, runtime, model, job, worker, head, change, checkpoint_every, effective)
     else:
         raise InvalidInput(f"unknown job kind {job.kind!r}")
     return change
 
 
 def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
-               change: Change, checkpoint_every: int) -> None:
+               change: Change, checkpoint_every: int, effective: dict[str, Any] | None = None) -> None:
     """Apply a batch in order, checkpointing every few facts so a restart resumes, not redoes."""
     ed = runtime.editor
-    sources = canaries_source(model.canary_path)
-    canaries = load_canaries(model.canary_path)
+    canary_path = effective["canary_path"] if effective else model.canary_path
+    canary_max_changed = effective["canary_max_changed"] if effective else model.canary_max_changed
+    sources = canaries_source(canary_path)
+    canaries = load_canaries(canary_path)
     before = [a.text for a in ed.answers(canaries)] if canaries else []  # on the head, before the batch
     fact_ids = list(job.payload.get("facts", []))
     retracts = list(job.payload.get("retract", []))
@@ -235,7 +240,7 @@ def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, work
         broken = [{"image": image, "question": question, "before": b, "after": a}
                   for (image, question), b, a in zip(sources, before, after, strict=True) if a != b]
         change.result["canaries"] = {"total": len(canaries), "changed": len(broken), "broken": broken}
-        change.held = len(broken) / len(canaries) > model.canary_max_changed
+        change.held = len(broken) / len(canaries) > canary_max_changed
 
 
 def save_checkpoint(db: Database, model: Model, job_id: int, worker: str, head: int, done: int,
