@@ -29,9 +29,9 @@ def admit(settings: Settings, model: Model, fact: FactInput) -> None:
     check_fact_limits(fact, settings)
     side = text_side(model.name, model.path)
     if side.needs_image and fact.image is None:
-        raise InvalidInput(f"model {model.name} answers about images: give --image")
+        raise InvalidInput(f"model {model.name} answers about images: the fact needs an image (--image)")
     if not side.needs_image and (fact.image is not None or fact.negative_images):
-        raise InvalidInput(f"model {model.name} is a text-only model: give no image")
+        raise InvalidInput(f"model {model.name} is a text-only model: the fact takes no image")
     from editor.config import EditConfig  # a dataclass module: no torch
 
     limit = EditConfig.from_dict(dict(model.hparams or {})).max_answer_tokens

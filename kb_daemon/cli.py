@@ -368,13 +368,13 @@ def wait_for_job(state: State, job_id: int, timeout: float, quiet: bool) -> JobO
     bar: Any = None
     shown = -1
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int, unit: str) -> None:
         nonlocal bar, shown
         if quiet or done == shown:
             return
         shown = done
         if not sys.stderr.isatty():
-            click.echo(f"job {job_id}: {done}/{total} facts", err=True)
+            click.echo(f"job {job_id}: {done}/{total} {unit}", err=True)
             return
         if bar is None:
             bar = click.progressbar(length=total, label=f"job {job_id}", file=sys.stderr)

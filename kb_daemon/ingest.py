@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
 
+from kb_daemon.admission import admit
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
 from kb_daemon.errors import InvalidInput
@@ -222,6 +223,11 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
     label = f"ingest:{path}"
     with db.session() as session:
         model = get_model(session, model_name)
+        for item in parsed:  # the model's own tokenizer and limits: the whole source before any write
+            try:
+                admit(settings, model, item.fact)
+            except InvalidInput as exc:
+                raise InvalidInput(f"{item.where}: {exc}") from exc
         active: dict[str, Fact] = {}
         latest: dict[str, Fact] = {}
         for fact in session.execute(

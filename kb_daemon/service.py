@@ -37,7 +37,7 @@ from kb_daemon.models import (
 from kb_daemon.queue import FactInput
 
 DEMO_REFERENCE_POOL = "easy-vqa"
-ProgressCallback = Callable[[int, int], None]  # (done, total) of a running job
+ProgressCallback = Callable[[int, int, str], None]  # (done, total, unit) of a running job
 
 
 # ----- results ----------------------------------------------------------------------------------
@@ -466,11 +466,14 @@ class Service:
     # ----- changes ----------------------------------------------------------------------------
     def submit_fact(self, model: str, fact: FactInput, *, actor: str, source: str = "cli") -> Queued:
         """Record a fact (validated here, before anything is written) and queue its edit."""
+        from kb_daemon.admission import admit
         from kb_daemon.queue import submit_fact
 
         fact = fact.cleaned()
         with self.checked_db().session() as session:
-            row, job = submit_fact(session, _model(session, model), fact, actor=actor, source=source)
+            target = _model(session, model)
+            admit(self.settings, target, fact)  # the model's own tokenizer and limits, before any write
+            row, job = submit_fact(session, target, fact, actor=actor, source=source)
             queued = Queued(job.id, fact_id=row.id)
         self._signal(model)
         return queued
@@ -572,9 +575,9 @@ class Service:
             with db.session() as session:
                 job = get_job(session, job_id)
                 status, result, error = job.status, job.result or {}, job.error
-                done, total = job.progress_done, job.progress_total
+                done, total, kind = job.progress_done, job.progress_total, job.kind
             if progress is not None and total:
-                progress(done, total)
+                progress(done, total, "optimisation steps" if kind == "edit" else "facts")
             if status in (JobStatus.DONE.value, JobStatus.HELD.value):
                 return JobOutcome(status, result.get("version"), result.get("canaries"))
             if status == JobStatus.FAILED.value:

@@ -67,10 +67,11 @@ def test_admit_accepts_a_fact_the_worker_takes(registered):
 @pytest.mark.parametrize(
     ("name", "fact", "message"),
     [
-        ("vision", FactInput(None, "what shape?", "ring"), "model vision answers about images: give --image"),
-        ("text", FactInput(_png(), "what shape?", "ring"), "model text is a text-only model: give no image"),
+        ("vision", FactInput(None, "what shape?", "ring"),
+         "model vision answers about images: the fact needs an image (--image)"),
+        ("text", FactInput(_png(), "what shape?", "ring"), "model text is a text-only model: the fact takes no image"),
         ("text", FactInput(None, "what shape?", "ring", negative_images=(_png(),)),
-         "model text is a text-only model: give no image"),
+         "model text is a text-only model: the fact takes no image"),
         # The tiny models' byte tokenizer: one token per byte, no prefix for LLaVA, plus the end of sequence.
         ("vision", FactInput(_png(), "what shape?", "a ring, red"),
          "answer is 12 tokens long; model vision allows 8 (max_answer_tokens; change it with "

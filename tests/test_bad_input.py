@@ -101,6 +101,17 @@ CASES = {
     "escape in a rephrase": (
         ["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "a", "--rephrase", "which\x1b?"],
         "Error: rephrase contains the control character U+001B at position 5; remove it"),
+    "no image on a vision model": (["submit-fact", "--question", Q, "--answer", "a"],
+                                   "Error: model tiny answers about images: the fact needs an image (--image)"),
+    "answer longer than the model allows": (
+        ["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "a" * 100],
+        "Error: answer is 101 tokens long; model tiny allows 64 (max_answer_tokens; change it with "
+        "`kbctl model set tiny --hparam max_answer_tokens=N`)"),
+    "too many rephrasings": (["submit-fact", "--image", "{root}/good.png", "--question", Q, "--answer", "a",
+                              *[arg for i in range(33) for arg in ("--rephrase", f"what shape, take {i}?")]],
+                             "Error: 33 rephrases; the limit is 32 (KB_MAX_REPHRASES)"),
+    "answer too long in a source": (["ingest", "@long.jsonl"],
+                                    "Error: {root}/source/long.jsonl:2: answer is 101 tokens long; model tiny allows"),
     "unknown model": (["--model", "nope", "submit-fact", "--image", "{root}/good.png", "--question", Q,
                        "--answer", "a"], "Error: unknown model 'nope' (registered: demo, other, tiny)"),
     "rollback to a missing version": (["rollback", "99"], "Error: model 'tiny' has no version 99 (versions 0..0)"),
@@ -134,6 +145,8 @@ def test_bad_input_is_refused_cleanly(setup, case):
     root, d, other_fact = setup
     (root / "source" / "malformed.jsonl").write_text(good_line() + "\n{not json\n")
     source_file(root, "duplicate.jsonl", [good_line("a"), good_line("a")])
+    source_file(root, "long.jsonl", [good_line("a"), json.dumps({"key": "b", "image": "good.png", "question": Q,
+                                                                  "answer": "a" * 100})])
     source_file(root, "escape.jsonl", [good_line("a", "../../etc/passwd")])
     source_file(root, "symlink.jsonl", [good_line("a", "link.png")])
     (root / "source" / "latin1.jsonl").write_bytes(good_line().encode() + b'\n{"question": "caf\xe9"}\n')

@@ -47,7 +47,8 @@ def test_cancel_retry_and_wait(daemon, assets, tmp_path):
         "job_id": first["job_id"], "status": "cancelled"}
     assert fact_status(d, first["fact_id"]) == ("cancelled", f"cancelled by carol (job {first['job_id']})")
     refused = d.kbctl("cancel", str(first["job_id"]), expect=1)
-    assert refused.stderr == f"Error: job {first['job_id']} is cancelled; only a queued or running job can be cancelled\n"
+    assert refused.stderr == (f"Error: job {first['job_id']} is cancelled; only a queued or running job can be "
+                              "cancelled\n")
     waited = d.kbctl_process("wait", str(first["job_id"]))
     assert (waited.returncode, waited.stderr) == (1, f"Error: job {first['job_id']} was cancelled by carol\n")
 
@@ -87,6 +88,18 @@ def test_cancel_retry_and_wait(daemon, assets, tmp_path):
     assert progress.stdout == f"job {again['job_id']} done: version 3\n"
     assert f"job {again['job_id']}: 4/4 facts" in progress.stderr.splitlines()
     assert len(d.kbctl("show", "3", "--json")["facts"]) == 6
+
+    # A single edit is cancelled inside its value optimisation (its progress is in steps), and the
+    # worker's next edit is unaffected.
+    slow = d.kbctl("submit-fact", "--image", red, "--question", "what colour is it?", "--answer", "crimson",
+                   "--json")
+    d.wait_for(lambda: job_rows(d)[-1]["progress_done"] >= 10, what="the edit's first optimisation steps")
+    assert d.kbctl("cancel", str(slow["job_id"]), "--wait", "--json")["status"] == "cancelled"
+    assert job_rows(d)[-1]["progress_done"] < 400 and d.kbctl("status", "--json")["head_version"] == 3
+    last = d.kbctl("submit-fact", "--image", green, "--question", "what colour is it?", "--answer", "jade",
+                   "--wait", "--json")
+    assert last["version"] == 4
+    assert d.kbctl("ask", "--image", green, "--question", "what colour is it?", "--json")["answer"] == "jade"
 
 
 def _ledger(d: Daemon) -> list[dict]:

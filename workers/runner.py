@@ -183,7 +183,7 @@ def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker:
     ed = runtime.editor
     change = Change(job.kind)
     if job.kind == "edit":
-        _apply_fact(db, runtime, change, job.payload["fact_id"])
+        _apply_fact(db, runtime, change, job.payload["fact_id"], job.id, steps_as_progress=True)
     elif job.kind == "retract":
         _retract(runtime, change, job.payload["fact_id"])
     elif job.kind == "rollback":
@@ -225,7 +225,9 @@ def _run_batch(db: Database, runtime: ModelRuntime, model: Model, job: Job, work
     for done, fact_id in enumerate(fact_ids[start:], start + 1):
         check_not_cancelled(db, job.id)
         try:
-            _apply_fact(db, runtime, change, fact_id)
+            _apply_fact(db, runtime, change, fact_id, job.id)
+        except JobCancelled:
+            raise
         except (KbError, EditorError, ValueError) as exc:
             raise FactFailed(fact_id, str(exc)) from exc
         _progress(db, job.id, done, total)
@@ -283,13 +285,22 @@ def _progress(db: Database, job_id: int, done: int, total: int) -> None:
     logger.info("job %d: %d/%d", job_id, done, total)
 
 
-def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: str) -> None:
+def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: str, job_id: int,
+                steps_as_progress: bool = False) -> None:
+    """Apply one fact. Every few optimisation steps, stop if the job was cancelled; for a one-fact
+    job the steps are also the job's progress."""
     with db.session() as session:
         fact = session.get(Fact, fact_id)
         if fact is None:
             raise InvalidInput(f"job names unknown fact {fact_id!r}")
         editor_fact = runtime.to_editor_fact(session, fact)
-    report = runtime.editor.apply(editor_fact)
+
+    def on_steps(done: int, total: int) -> None:
+        if steps_as_progress:
+            _progress(db, job_id, done, total)
+        check_not_cancelled(db, job_id)
+
+    report = runtime.editor.apply(editor_fact, progress=on_steps)
     change.applied.append(fact_id)
     for old in report.superseded:
         change.superseded[old] = fact_id
