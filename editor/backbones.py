@@ -25,53 +25,21 @@ from torch import nn
 
 from editor.errors import EditorError, InvalidFactError, UnsupportedBackboneError
 from editor.fact import ImageInput
+from editor.families import (  # noqa: F401  (names of this module's public API)
+    _CAUSAL_BY_MODEL_TYPE,
+    _LLAVA_TEXT_TYPES,
+    BACKBONE_FILE,
+    BLIP2,
+    FAMILIES,
+    GPT2,
+    LLAMA_LM,
+    LLAVA,
+    OPT_LM,
+    FamilySpec,
+    family_of_config,
+    model_directory,
+)
 from editor.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, read_image_file
-
-BACKBONE_FILE = "kb_backbone.json"
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """Where things are in one architecture family (live module paths, transformers 5.x)."""
-
-    name: str
-    decoder_layers: str  # the nn.ModuleList of decoder layers
-    head: tuple[str, ...]  # modules after the decoder stack, applied in order (absent ones skipped)
-    mlp_output: str  # the MLP output projection inside one decoder layer
-    needs_image: bool
-    passes_position_ids: bool  # False where the model derives positions from the attention mask
-    prompt_template: str
-    answer_prefix: str
-    vision: str = ""  # the vision encoder, whose forward sees each distinct image once per batch
-
-
-LLAVA = FamilySpec(
-    "llava", "model.language_model.layers", ("model.language_model.norm", "lm_head"),
-    "mlp.down_proj", True, True, "USER: <image>\n{question} ASSISTANT:", " ", "model.vision_tower",
-)
-BLIP2 = FamilySpec(
-    "blip2", "language_model.model.decoder.layers",
-    ("language_model.model.decoder.final_layer_norm", "language_model.model.decoder.project_out",
-     "language_model.lm_head"),
-    "fc2", True, False, "Question: {question} Answer:", " ", "vision_model",
-)
-GPT2 = FamilySpec(
-    "gpt2", "transformer.h", ("transformer.ln_f", "lm_head"), "mlp.c_proj", False, True,
-    "Q: {question}\nA:", " ",
-)
-LLAMA_LM = FamilySpec(
-    "llama", "model.layers", ("model.norm", "lm_head"), "mlp.down_proj", False, True,
-    "Q: {question}\nA:", " ",
-)
-OPT_LM = FamilySpec(
-    "opt", "model.decoder.layers",
-    ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
-    "fc2", False, False, "Q: {question}\nA:", " ",
-)
-FAMILIES = {f.name: f for f in (LLAVA, BLIP2, GPT2, LLAMA_LM, OPT_LM)}
-_CAUSAL_BY_MODEL_TYPE = {"gpt2": GPT2, "llama": LLAMA_LM, "qwen2": LLAMA_LM, "mistral": LLAMA_LM,
-                         "opt": OPT_LM}
-_LLAVA_TEXT_TYPES = {"llama", "qwen2", "mistral"}
 
 
 def share_repeated_images(vision: nn.Module) -> None:
@@ -173,30 +141,6 @@ def detect_family(model: nn.Module) -> FamilySpec:
     )
 
 
-def family_of_config(config: Any) -> FamilySpec:
-    """The family of a model from its config alone (`detect_family` without the weights)."""
-    model_type = getattr(config, "model_type", None)
-    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-    if model_type == "llava":
-        if text_type not in _LLAVA_TEXT_TYPES:
-            raise UnsupportedBackboneError(
-                f"LLaVA with a {text_type!r} text model is not supported; supported: "
-                f"{', '.join(sorted(_LLAVA_TEXT_TYPES))}"
-            )
-        return LLAVA
-    if model_type == "blip-2":
-        if text_type != "opt":
-            raise UnsupportedBackboneError(f"BLIP-2 with a {text_type!r} text model is not supported; use OPT")
-        return BLIP2
-    spec = _CAUSAL_BY_MODEL_TYPE.get(model_type or "")
-    if spec is None:
-        raise UnsupportedBackboneError(
-            f"model_type {model_type!r} is not supported; supported: llava, blip-2, and causal LMs of type "
-            + ", ".join(sorted(_CAUSAL_BY_MODEL_TYPE))
-        )
-    return spec
-
-
 def end_of_sequence_id(tokenizer: Any, generation_config: Any) -> int:
     """The token that ends an answer: the tokenizer's, else the generation config's (the first
     of a list)."""
@@ -238,25 +182,13 @@ class TextSide:
         return len(answer_token_ids(self.tokenizer, self.answer_prefix, self.eos_token_id, answer))
 
 
-def _model_directory(path: str | os.PathLike[str]) -> Path:
-    if str(path) == "demo":
-        from editor.demo import DEMO_MODEL_DIR
-
-        directory = Path(DEMO_MODEL_DIR)
-    else:
-        directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise EditorError(f"{str(directory)!r} is not a model directory (no config.json)")
-    return directory
-
-
 def load_text_side(path: str | os.PathLike[str]) -> TextSide:
     """The `TextSide` of "demo" or a model directory: its config, `kb_backbone.json`, tokenizer
     (a vision model's processor's) and generation config, no weights. Chooses the family, answer
     prefix and end of sequence exactly as `load_backbone` does, so the counts agree."""
     import transformers
 
-    directory = _model_directory(path)
+    directory = model_directory(path)
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     family = family_of_config(config)
     settings: dict[str, Any] = {}
@@ -625,7 +557,7 @@ def load_backbone(
             raise EditorError("a model object needs its processor (or tokenizer for a text model)")
         return Backbone(path_or_model, processor, prompt_template=prompt_template,
                         answer_prefix=answer_prefix, edit_layer=edit_layer)
-    path = _model_directory(path_or_model)
+    path = model_directory(path_or_model)
     settings: dict[str, Any] = {}
     if (path / BACKBONE_FILE).is_file():
         settings = json.loads((path / BACKBONE_FILE).read_text())

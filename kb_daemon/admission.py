@@ -2,9 +2,9 @@
 
 A fact that passes `admit` does not fail in the worker for its shape: the per-fact caps, an image
 where the model needs one (and none where it takes none), and the answer's length in the model's
-own tokens against the model's pinned `max_answer_tokens`. Only the model's tokenizer is loaded
-(no weights), once per model directory per process, so validating a source of 10,000 lines loads
-it once.
+own tokens against the model's pinned `max_answer_tokens`. Only the model's tokenizer is read
+(no weights, no torch: `editor.text_side`), once per model directory per process, so validating a
+source of 10,000 lines reads it once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kb_daemon.models import Model
 from kb_daemon.queue import FactInput, check_fact_limits
 
 if TYPE_CHECKING:
-    from editor.backbones import TextSide
+    from editor.text_side import InputRules
 
 
 def admit(settings: Settings, model: Model, fact: FactInput) -> None:
@@ -43,7 +43,7 @@ def admit(settings: Settings, model: Model, fact: FactInput) -> None:
         )
 
 
-def text_side(name: str, path: str) -> TextSide:
+def text_side(name: str, path: str) -> InputRules:
     """The model directory's tokenizer side (loaded once per path), or one line saying why not."""
     from editor.errors import EditorError
 
@@ -55,7 +55,7 @@ def text_side(name: str, path: str) -> TextSide:
 
 
 @lru_cache(maxsize=16)
-def _load_text_side(path: str) -> TextSide:
-    from editor.backbones import load_text_side
+def _load_text_side(path: str) -> InputRules:
+    from editor.text_side import read_text_side
 
-    return load_text_side(path)
+    return read_text_side(path)

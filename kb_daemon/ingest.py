@@ -223,11 +223,13 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
     label = f"ingest:{path}"
     with db.session() as session:
         model = get_model(session, model_name)
-        for item in parsed:  # the model's own tokenizer and limits: the whole source before any write
-            try:
-                admit(settings, model, item.fact)
-            except InvalidInput as exc:
-                raise InvalidInput(f"{item.where}: {exc}") from exc
+    for item in parsed:  # the model's own tokenizer and limits: the whole source, outside any write
+        try:
+            admit(settings, model, item.fact)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{item.where}: {exc}") from exc
+    with db.session() as session:
+        model = get_model(session, model_name)
         active: dict[str, Fact] = {}
         latest: dict[str, Fact] = {}
         for fact in session.execute(

@@ -470,10 +470,11 @@ class Service:
         from kb_daemon.queue import submit_fact
 
         fact = fact.cleaned()
-        with self.checked_db().session() as session:
-            target = _model(session, model)
-            admit(self.settings, target, fact)  # the model's own tokenizer and limits, before any write
-            row, job = submit_fact(session, target, fact, actor=actor, source=source)
+        db = self.checked_db()
+        with db.session() as session:  # short: on SQLite every transaction holds the write lock
+            admit(self.settings, _model(session, model), fact)  # the model's tokenizer and limits
+        with db.session() as session:
+            row, job = submit_fact(session, _model(session, model), fact, actor=actor, source=source)
             queued = Queued(job.id, fact_id=row.id)
         self._signal(model)
         return queued

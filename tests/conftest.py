@@ -45,3 +45,30 @@ def postgres_url():
         pytest.fail(f"could not start PostgreSQL from {bin_dir}: {exc}")
     yield url
     server.stop()
+
+
+# name -> (colour, shape) of the images in `tiny_assets`
+TINY_IMAGES = {"red": ((230, 20, 20), "square"), "green": ((20, 200, 20), "circle"),
+               "blue": ((20, 20, 230), "square"), "black": ((0, 0, 0), "circle")}
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """A tiny random LLaVA saved under tiny/ and four small images, red.png to black.png."""
+    from tiny_models import image, save
+
+    root = tmp_path_factory.mktemp("tiny-assets")
+    save("llava-llama", root / "tiny")
+    for name, (colour, shape) in TINY_IMAGES.items():
+        image(colour, shape).save(root / f"{name}.png")
+    return root
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    """None (SQLite under the test's home), then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    from daemon_harness import fresh_postgres_database
+
+    return fresh_postgres_database(request.getfixturevalue("postgres_url"))

@@ -133,3 +133,12 @@ def fresh_postgres_database(server_url: str) -> str:
         connection.execute(sa.text(f"CREATE DATABASE {name}"))
     engine.dispose()
     return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def registered_daemon(home: Path, database_url: str | None, model_dir: Path, *options: str,
+                      model: str = "tiny") -> Daemon:
+    """A daemon whose database is initialised, with `model_dir` registered as `model`."""
+    d = Daemon(home, database_url, model=model)
+    d.kbctl("init")
+    d.kbctl("model", "add", model, str(model_dir), *options)
+    return d

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 from tiny_models import FAMILIES, needs_image, save
 
 from editor.backbones import load_backbone, load_text_side
+from editor.text_side import read_text_side
 from kb_daemon.admission import admit, text_side
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
@@ -50,11 +53,20 @@ def _admit(settings: Settings, database: Database, name: str, fact: FactInput) -
 @pytest.mark.parametrize("family", [*FAMILIES, "demo"])
 def test_answer_token_count_is_the_editors(tmp_path, family):
     path = "demo" if family == "demo" else str(save(family, tmp_path / family))
-    side = load_text_side(path)
     backbone = load_backbone(path)
-    assert side.needs_image == (family == "demo" or needs_image(family))
-    for answer in ANSWERS:
-        assert side.count_answer_tokens(answer) == len(backbone.answer_ids(answer)), answer
+    # Both readers: the one with transformers, and the one without torch that admission uses.
+    for side in (load_text_side(path), read_text_side(path)):
+        assert side.needs_image == (family == "demo" or needs_image(family))
+        for answer in ANSWERS:
+            assert side.count_answer_tokens(answer) == len(backbone.answer_ids(answer)), answer
+
+
+def test_admission_reads_the_tokenizer_without_torch():
+    code = ("import sys; from kb_daemon.admission import text_side; "
+            "side = text_side('demo', 'demo'); assert side.count_answer_tokens('ring') > 1; "
+            "print(sorted(m for m in ('torch', 'transformers', 'editor.backbones') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_admit_accepts_a_fact_the_worker_takes(registered):

@@ -7,36 +7,24 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from daemon_harness import Daemon, fresh_postgres_database
-from tiny_models import image, save
+from daemon_harness import Daemon, registered_daemon
 
 from kb_daemon.cli import cli, printable
 
 Q = "what shape is it?"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report-assets")
-    save("llava-llama", root / "tiny")
-    for name, colour, shape in (("red", (230, 20, 20), "square"), ("green", (20, 200, 20), "circle")):
-        image(colour, shape).save(root / f"{name}.png")
-    return root
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def daemon(request, tmp_path, assets):
-    url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
-    d = Daemon(tmp_path / "home", url, model="demo")
-    d.kbctl("init")
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"))
+@pytest.fixture
+def daemon(tmp_path, tiny_assets, database_url):
+    d = registered_daemon(tmp_path / "home", database_url, tiny_assets / "tiny")
     d.env["KB_MODEL"] = "demo"  # every command below names --model tiny after the command itself
     yield d
     d.stop_workers()
 
 
 @pytest.mark.slow
-def test_fact_report_and_warnings(daemon, assets):
+def test_fact_report_and_warnings(daemon, tiny_assets):
+    assets = tiny_assets
     d = daemon
     worker = Daemon(d.home, model="tiny")
     worker.env = {**d.env, "KB_MODEL": "tiny"}

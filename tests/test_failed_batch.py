@@ -7,28 +7,14 @@ import json
 
 import pytest
 import sqlalchemy as sa
-from daemon_harness import Daemon, fresh_postgres_database, job_rows
-from tiny_models import image, save
+from daemon_harness import Daemon, job_rows, registered_daemon
 
 Q = "what shape is it?"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch-assets")
-    save("llava-llama", root / "tiny")
-    for name, colour, shape in (("red", (230, 20, 20), "square"), ("green", (20, 200, 20), "circle"),
-                                ("blue", (20, 20, 230), "square")):
-        image(colour, shape).save(root / f"{name}.png")
-    return root
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def daemon(request, tmp_path, assets):
-    url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
-    d = Daemon(tmp_path / "home", url)
-    d.kbctl("init")
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"))
+@pytest.fixture
+def daemon(tmp_path, tiny_assets, database_url):
+    d = registered_daemon(tmp_path / "home", database_url, tiny_assets / "tiny")
     yield d
     d.stop_workers()
 
@@ -41,7 +27,8 @@ def set_blob(d: Daemon, digest: str, data: bytes) -> None:
 
 
 @pytest.mark.slow
-def test_a_failed_batch_marks_its_facts_failed_and_a_rerun_queues_them_again(daemon, tmp_path, assets):
+def test_a_failed_batch_marks_its_facts_failed_and_a_rerun_queues_them_again(daemon, tmp_path, tiny_assets):
+    assets = tiny_assets
     d = daemon
     source = tmp_path / "src"
     source.mkdir()

@@ -6,27 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from daemon_harness import Daemon, fresh_postgres_database
-from tiny_models import image, save
+from daemon_harness import Daemon, registered_daemon
 
 Q = "what shape is it?"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ingest-assets")
-    save("llava-llama", root / "tiny")
-    for name, colour, shape in (("red", (230, 20, 20), "square"), ("green", (20, 200, 20), "circle"),
-                                ("blue", (20, 20, 230), "square")):
-        image(colour, shape).save(root / f"{name}.png")
-    return root
+@pytest.fixture
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def make_daemon(tmp_path, assets, url: str | None = None) -> Daemon:
-    d = Daemon(tmp_path / "home", url)
-    d.kbctl("init")
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"))
-    return d
+    return registered_daemon(tmp_path / "home", url, assets / "tiny")
 
 
 def folder(tmp_path, assets, name: str) -> object:
@@ -85,10 +76,9 @@ def test_a_csv_column_nobody_knows_is_refused(tmp_path, assets):
     assert result.stderr.startswith(f"Error: {source / 'facts.csv'}:2: unknown field 'colour'")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def daemon(request, tmp_path, assets):
-    url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
-    d = make_daemon(tmp_path, assets, url)
+@pytest.fixture
+def daemon(tmp_path, assets, database_url):
+    d = make_daemon(tmp_path, assets, database_url)
     yield d
     d.stop_workers()
 

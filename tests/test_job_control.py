@@ -5,29 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from daemon_harness import Daemon, fresh_postgres_database, job_rows
-from tiny_models import image, save
+from conftest import TINY_IMAGES
+from daemon_harness import Daemon, job_rows, registered_daemon
 
 Q = "what shape is it?"
-COLOURS = {"red": (230, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 230), "black": (0, 0, 0)}
+COLOURS = list(TINY_IMAGES)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("control-assets")
-    save("llava-llama", root / "tiny")
-    for name, colour in COLOURS.items():
-        image(colour, "square" if name in ("red", "blue") else "circle").save(root / f"{name}.png")
-    return root
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def daemon(request, tmp_path, assets):
-    url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
-    d = Daemon(tmp_path / "home", url)
-    d.kbctl("init")
+@pytest.fixture
+def daemon(tmp_path, tiny_assets, database_url):
     # Slow edits (no early stop), so that a cancel lands while a batch runs.
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"), "--hparam", "max_steps=400", "--hparam", "early_stop=false")
+    d = registered_daemon(tmp_path / "home", database_url, tiny_assets / "tiny", "--hparam", "max_steps=400",
+                          "--hparam", "early_stop=false")
     yield d
     d.stop_workers()
 
@@ -38,7 +27,8 @@ def fact_status(d: Daemon, fact_id: str) -> tuple[str, str | None]:
 
 
 @pytest.mark.slow
-def test_cancel_retry_and_wait(daemon, assets, tmp_path):
+def test_cancel_retry_and_wait(daemon, tiny_assets, tmp_path):
+    assets = tiny_assets
     d = daemon
     red, green = str(assets / "red.png"), str(assets / "green.png")
     # A queued job: cancelled, it never runs; retried, it lands.

@@ -4,33 +4,22 @@ run with the old settings, jobs queued after it with the new ones."""
 from __future__ import annotations
 
 import pytest
-from daemon_harness import Daemon, fresh_postgres_database, job_rows
-from tiny_models import image, save
+from daemon_harness import job_rows, registered_daemon
 
 Q = "what shape is it?"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("settings-assets")
-    save("llava-llama", root / "tiny")
-    for name, colour, shape in (("red", (230, 20, 20), "square"), ("green", (20, 200, 20), "circle")):
-        image(colour, shape).save(root / f"{name}.png")
-    return root
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def daemon(request, tmp_path, assets):
-    url = fresh_postgres_database(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None
-    d = Daemon(tmp_path / "home", url)
-    d.kbctl("init")
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"), "--hparam", "max_steps=40", "--hparam", "early_stop=false")
+@pytest.fixture
+def daemon(tmp_path, tiny_assets, database_url):
+    d = registered_daemon(tmp_path / "home", database_url, tiny_assets / "tiny", "--hparam", "max_steps=40",
+                          "--hparam", "early_stop=false")
     yield d
     d.stop_workers()
 
 
 @pytest.mark.slow
-def test_settings_take_effect_for_jobs_queued_after_the_change(daemon, assets):
+def test_settings_take_effect_for_jobs_queued_after_the_change(daemon, tiny_assets):
+    assets = tiny_assets
     d = daemon
     before = d.kbctl("submit-fact", "--image", str(assets / "red.png"), "--question", Q, "--answer", "brick",
                      "--json")
@@ -55,10 +44,8 @@ def test_settings_take_effect_for_jobs_queued_after_the_change(daemon, assets):
     (("--hparam", "max_steps=40"), "Error: model 'tiny' already has these settings; nothing changed\n"),
     (("--canary-max-changed", "2"), "Error: canary share must lie in [0, 1], got 2.0\n"),
 ])
-def test_refused_settings_change_nothing(tmp_path, assets, args, message):
-    d = Daemon(tmp_path / "home")
-    d.kbctl("init")
-    d.kbctl("model", "add", "tiny", str(assets / "tiny"), "--hparam", "max_steps=40")
+def test_refused_settings_change_nothing(tmp_path, tiny_assets, args, message):
+    d = registered_daemon(tmp_path / "home", None, tiny_assets / "tiny", "--hparam", "max_steps=40")
     listed = d.kbctl("model", "list", "--json")
     result = d.kbctl("model", "set", "tiny", *args, expect=1)
     assert result.stderr == message

@@ -104,20 +104,11 @@ def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: 
 def release_free_memory(db: Database | None = None) -> None:
     """Give the memory a finished job no longer needs back to the operating system.
 
-    On SQLite, first close the pooled connections: the SQLite library inside this process keeps,
-    per connection, a page cache (up to 2 MiB) and Python's cache of 128 prepared statements,
-    among them IN lists as long as the codebook (`snapshots.entry_rows_for`), about 0.4 KB per
-    listed id. Measured on a 1,000-fact batch: SQLite held 9.9 MiB more after the job than after
-    the warm-up, more than the 8 MiB codebook itself. Reopening costs about a millisecond per job.
-
-    Then a full garbage collection: a job's ORM sessions and objects form reference cycles that
-    hold its results (a batch's result holds every fact's report), and an idle worker allocates
-    too little for the collector to run by itself; in process, after a 200-fact batch, it freed
-    15,500 Python objects (about 77 per fact) that nothing else would have freed.
-
-    Last `malloc_trim(0)`: an edit allocates and frees many activation tensors of varying sizes and
-    glibc keeps the freed pages of its heaps mapped; trimming returns every free page, not only the
-    top of the heap (a few milliseconds). No-op off glibc.
+    Three steps, each for memory nothing else gives back (figures in docs/decisions.md): close
+    SQLite's pooled connections, whose page caches and prepared statements (IN lists as long as
+    the codebook) outgrow the codebook over a large batch; a full garbage collection, since a
+    job's ORM objects form cycles and an idle worker allocates too little for the collector to
+    run; `malloc_trim(0)`, which returns every free page of glibc's heaps (a no-op off glibc).
     """
     if db is not None and db.settings.is_sqlite:
         db.engine.dispose()
