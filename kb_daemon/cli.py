@@ -108,9 +108,10 @@ def emit(as_json: bool, data: Any, text: str | Callable[[], None]) -> None:
         echo(text)
 
 
-# Characters that would act on the terminal instead of being shown: C0/C1 controls (but newline)
-# and the bidirectional overrides and isolates that reorder what follows them.
-_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Characters that would act on the terminal instead of being shown: C0/C1 controls (but tab and
+# newline, which kbctl's own output uses) and the bidirectional overrides and isolates that
+# reorder what follows them. Stored text holds no tab or newline: input collapses white space.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:

@@ -73,7 +73,7 @@ def test_fact_report_and_warnings(daemon, tiny_assets):
 
 def test_printable_escapes_controls_and_bidi_overrides_only():
     assert printable("caf\u00e9 \u202eabc\u2066\x1b[31m\x9b") == "caf\u00e9 \\u202eabc\\u2066\\u001b[31m\\u009b"
-    assert printable("two\nlines") == "two\nlines"
+    assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"  # kbctl's own layout
 
 
 def test_help_examples_keep_their_line_breaks():
