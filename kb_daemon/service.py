@@ -133,7 +133,7 @@ class JobOutcome(Result):
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": self.version, "status": self.status}
-        if self.status == JobStatus.HELD.value:
+        if self.held:
             data["canaries"] = self.canaries
         return data
 
