@@ -309,6 +309,107 @@ def model_list(state: State, as_json: bool) -> None:
     emit(as_json, [row.as_dict() for row in rows], table)
 
 
+
+# ----- API tokens -----------------------------------------------------------------------------
+@cli.group()
+def token() -> None:
+    """API tokens for the HTTP server (`kbctl serve`), each with a role.
+
+    A reader may ask and read; an editor may also submit and retract facts; an admin may also roll
+    back, promote, ingest and export. The token's name is the actor the audit records for
+    everything done with it. Only a hash is stored: a token is shown once, when it is created.
+
+    \b
+    Example:
+        kbctl token create ci-bot --role editor
+        kbctl token list
+        kbctl token revoke ci-bot
+    """
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--role", required=True, metavar="reader|editor|admin",
+              help="What the token may do: reader (ask, read), editor (also submit, retract) or admin "
+                   "(also rollback, promote, ingest, export).")
+@actor_option
+@json_option
+@pass_state
+def token_create(state: State, name: str, role: str, actor: str | None, as_json: bool) -> None:
+    """Create token NAME and print it, once: it cannot be shown again.
+
+    NAME (letters, digits and . _ @ -, at most 100) is the actor the audit records for every
+    change made with the token; a name is never reused, not even after a revoke. Store the
+    printed token in a secret manager, and send it to the server as `Authorization: Bearer TOKEN`.
+    The text output is the token alone on stdout (a note goes to stderr), so it can be piped.
+
+    \b
+    Example:
+        KB_TOKEN=$(kbctl token create ci-bot --role editor)  # then into the secret manager
+        kbctl token create ops --role admin --json
+    """
+    from kb_daemon.tokens import create_token
+
+    created = create_token(state.service.checked_db(), name, role, actor=actor_of(actor))
+
+    def text() -> None:
+        echo(created.token)
+        click.echo(printable(f"token {created.name} ({created.role}) created; it is shown only this once: "
+                             "store it in a secret manager and send it as `Authorization: Bearer <token>`"),
+                   err=True)
+
+    emit(as_json, created.as_dict(), text)
+
+
+@token.command("list")
+@json_option
+@pass_state
+def token_list(state: State, as_json: bool) -> None:
+    """List tokens (revoked ones too) with role, who created them and when each was last used.
+
+    Token texts are never shown: only their hashes are stored.
+
+    \b
+    Example:
+        kbctl token list --json
+    """
+    from kb_daemon.tokens import list_tokens
+
+    rows = list_tokens(state.service.checked_db())
+
+    def table() -> None:
+        for row in rows:
+            status = "active" if row.active else f"revoked {_when(row.revoked_at)} by {row.revoked_by}"
+            echo(f"{row.name:<24} {row.role:<7} {status:<40} created {_when(row.created_at)} by {row.created_by}"
+                 f", last used {_when(row.last_used_at) if row.last_used_at else 'never'}")
+
+    emit(as_json, [row.as_dict() for row in rows], table)
+
+
+def _when(moment: Any) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment is not None else "-"
+
+
+@token.command("revoke")
+@click.argument("name")
+@actor_option
+@json_option
+@pass_state
+def token_revoke(state: State, name: str, actor: str | None, as_json: bool) -> None:
+    """Revoke token NAME: the server refuses it from now on. The name stays taken (it is in the audit).
+
+    Revoking a revoked token changes nothing and says when and by whom it was revoked.
+
+    \b
+    Example:
+        kbctl token revoke ci-bot
+    """
+    from kb_daemon.tokens import revoke_token
+
+    info = revoke_token(state.service.checked_db(), name, actor=actor_of(actor))
+    emit(as_json, info.as_dict(), f"token {info.name} revoked {_when(info.revoked_at)} by {info.revoked_by}")
+
+
 # ----- facts and queries ----------------------------------------------------------------------
 @cli.command("submit-fact")
 @click.option("--image", help="Image file the fact is about (omit for text-only models).")

@@ -191,6 +191,47 @@ class Job(Base):
         return list(self.payload.get("facts", [])) if self.kind == "batch" else []
 
 
+class ApiToken(Base):
+    """A bearer token of the HTTP server. Only its SHA-256 is stored; the text is shown once, at creation.
+
+    The name is the actor the audit records for everything done with the token, so a name is never
+    reused, not even after its token is revoked: revoking keeps the row.
+    """
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))  # a Role
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # hex
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_by: Mapped[str | None] = mapped_column(String(200))
+    # Refreshed by authentication at most once a minute, so that a busy token costs no write per request.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Role(str, enum.Enum):
+    """What a token may do; each role may do everything the ones before it may.
+
+    reader: ask and read. editor: also submit and retract facts. admin: also roll back, promote,
+    ingest and export. The values are the strings stored in `api_tokens.role`.
+    """
+
+    READER = "reader"
+    EDITOR = "editor"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        """Position in the order reader < editor < admin (the order of definition)."""
+        return list(Role).index(self)
+
+    def allows(self, needed: Role | str) -> bool:
+        """Whether a caller with this role may do what `needed` may (admin ⊇ editor ⊇ reader)."""
+        return self.rank >= Role(needed).rank
+
+
 # ----- statuses -------------------------------------------------------------------------------
 class JobStatus(str, enum.Enum):
     """Where a job stands. The values are the strings stored in `jobs.status`."""

@@ -42,6 +42,9 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "cancel": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "retry": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "ingest": ("writes", {"--actor", "--json", "--sync", "--timeout", "--wait", *MODEL}),
+    # API tokens: a token's row is added, and revoking sets when and by whom; the row stays.
+    "token create": ("writes", {"--actor", "--json", "--role"}),
+    "token revoke": ("writes", {"--actor", "--json"}),
     "worker": ("daemon", {"--loglevel", *MODEL}),
     "up": ("daemon", {"--loglevel", *MODEL}),
     "beat": ("daemon", {"--loglevel"}),
@@ -55,6 +58,7 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "fact": ("reads", {"--json", *MODEL}),
     "diff": ("reads", {"--json", *MODEL}),
     "export": ("reads", {"--json", *MODEL}),  # writes files outside the database
+    "token list": ("reads", {"--json"}),
     # No database at all: an in-process demo, and the benchmark evaluation.
     "demo": ("none", {"--answer"}),
     "eval": ("none", {"--curve-every", "--hparam", "--json", "--limit", "--method", "--model", "--plot",
@@ -152,7 +156,7 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
     exercised: set[str] = set()
 
     def run(daemon: Daemon, *args: str, expect: int = 0):
-        name = args[0] if args[0] not in ("model", "db") else " ".join(args[:2])
+        name = args[0] if args[0] not in ("model", "db", "token") else " ".join(args[:2])
         exercised.add(name)
         return daemon.kbctl(*args, expect=expect)
 
@@ -224,8 +228,12 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
         assert held["status"] == "held", held
         held_before = audit_rows(url)["versions"]
         run(gated, "promote", str(held["version"]), "--actor", "hank", "--json")
+        created = run(d, "token", "create", "ci-bot", "--role", "editor", "--actor", "ivan", "--json")
+        assert (created["name"], created["role"]) == ("ci-bot", "editor")
+        revoked = run(d, "token", "revoke", "ci-bot", "--actor", "judy", "--json")
+        assert (revoked["active"], revoked["revoked_by"]) == (False, "judy")
         # Read-only commands too, for good measure.
-        for args in (("model", "list"), ("jobs",), ("status",), ("history",), ("show", "1"),
+        for args in (("model", "list"), ("token", "list"), ("jobs",), ("status",), ("history",), ("show", "1"),
                      ("fact", first["fact_id"]), ("wait", str(submitted["job_id"])), ("diff", "1", "3"),
                      ("export", "3", str(tmp_path / "export"))):
             run(d, *args, "--json")
