@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -386,7 +387,8 @@ def token_list(state: State, as_json: bool) -> None:
     emit(as_json, [row.as_dict() for row in rows], table)
 
 
-def _when(moment: Any) -> str:
+def _when(moment: datetime | None) -> str:
+    """A stored UTC time in the local time zone, to the minute (as `kbctl status` shows times)."""
     return moment.astimezone().strftime("%Y-%m-%d %H:%M") if moment is not None else "-"
 
 
