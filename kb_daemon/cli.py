@@ -963,16 +963,74 @@ def beat(state: State, loglevel: str) -> None:
 
 @cli.command()
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--serve", "with_server", is_flag=True,
+              help="Also run `kbctl serve` for --model on 127.0.0.1 (stops with the worker).")
+@click.option("--port", default=8700, show_default=True, help="The server's port, with --serve.")
 @model_option
 @pass_state
-def up(state: State, loglevel: str) -> None:
+def up(state: State, loglevel: str, with_server: bool, port: int) -> None:
     """The embedded daemon: the worker of --model with beat, in the foreground.
+
+    With --serve, the HTTP server of --model runs beside them (its log goes to the same stderr):
+    one command for the one-machine case. Ctrl-C or SIGTERM to the process group stops all.
 
     \b
     Example:
         kbctl init && kbctl up
+        kbctl token create me --role admin && kbctl up --serve --port 8700
     """
+    if with_server:
+        import subprocess
+
+        command = [sys.executable, "-m", "kb_daemon.cli", "serve", "--model", state.model, "--port", str(port),
+                   "--loglevel", loglevel, "--stop-with-parent"]
+        subprocess.Popen(command, env={**HF_DEFAULTS, **state.environ})
     exec_workers(state, "worker", "--model", state.model, "--beat", "--loglevel", loglevel)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Other than loopback only once a token exists.")
+@click.option("--port", default=8700, show_default=True, help="Port to listen on.")
+@click.option("--model", "models", multiple=True, metavar="NAME",
+              help="Registered model to serve (repeatable; default: kbctl's --model).")
+@click.option("--max-batch", default=16, show_default=True,
+              help="Most requests answered by one generate() call (concurrent requests are batched).")
+@click.option("--poll-seconds", default=0.5, show_default=True,
+              help="How often each model's head is read (PostgreSQL also notifies at once).")
+@click.option("--cached-versions", default=4, show_default=True,
+              help="Pinned versions (NAME@V) kept loaded besides the head.")
+@click.option("--max-body-mb", default=64, show_default=True, help="Larger request bodies are refused (413).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--stop-with-parent", is_flag=True, hidden=True)
+@pass_state
+def serve(state: State, host: str, port: int, models: tuple[str, ...], max_batch: int, poll_seconds: float,
+          cached_versions: int, max_body_mb: int, loglevel: str, stop_with_parent: bool) -> None:
+    """Serve the edited models over HTTP, each answering from its head version as it moves.
+
+    Loads each model once, then answers OpenAI-compatible chat requests (`POST
+    /v1/chat/completions`, model "NAME" or "NAME@V" for a pinned version) and offers the admin API
+    (facts, retract, rollback, promote, ingest, export, jobs, versions). When a worker commits a
+    new version the server swaps it in within a second, without a restart. Every route but
+    /healthz needs `Authorization: Bearer TOKEN` (`kbctl token create`); the token's name is the
+    actor recorded for what it changes. Several servers may share one PostgreSQL database behind
+    a load balancer: each follows the head by itself.
+
+    \b
+    Example:
+        kbctl token create app --role reader
+        kbctl serve --port 8700 &
+        curl -s localhost:8700/v1/models -H "Authorization: Bearer $TOKEN"
+    """
+    from kb_daemon.server.main import serve as run
+
+    logging.getLogger().setLevel(loglevel.upper())
+    if max_batch < 1 or cached_versions < 0 or poll_seconds <= 0 or max_body_mb < 1:
+        raise click.UsageError("--max-batch and --max-body-mb must be >= 1, --cached-versions >= 0, "
+                               "--poll-seconds > 0")
+    run(state.settings, tuple(dict.fromkeys(models)) or (state.model,), host=host, port=port, loglevel=loglevel,
+        stop_with_parent=stop_with_parent, max_batch=max_batch, poll_seconds=poll_seconds,
+        cached_versions=cached_versions, max_body_bytes=max_body_mb * 1024 * 1024)
 
 
 @cli.command()

@@ -209,18 +209,20 @@ def _fact_from_record(record: dict[str, Any], root: Path, settings: Settings) ->
 
 
 def ingest_source(db: Database, settings: Settings, model_name: str, source: str | Path, *, sync: bool,
-                  actor: str, origin: str = "cli") -> dict[str, Any]:
+                  actor: str, origin: str = "cli", name: str | None = None) -> dict[str, Any]:
     """Compare the source with the ledger and enqueue one batch (or nothing when nothing changed).
 
     Per key, a line is compared with the fact that is in the knowledge (applied, held or pending):
     same answer, unchanged; another answer, a new fact that supersedes it. With none in the
     knowledge: a fact that failed or was cancelled is queued again, a fact that a retract or rollback removed is
     skipped unless the line's answer changed, and an unknown key is new. `sync` retracts the
-    applied facts that came from this same source and are no longer in it.
+    applied facts that came from this same source and are no longer in it. `name` is what the
+    source is known by (default: its resolved path): facts record it, and `sync` compares it.
     """
     path = Path(source).expanduser().resolve()
     parsed = parse_source(path, settings)
-    label = f"ingest:{path}"
+    name = name or str(path)
+    label = f"ingest:{name}"
     with db.session() as session:
         model = get_model(session, model_name)
     for item in parsed:  # the model's own tokenizer and limits: the whole source, outside any write
@@ -263,8 +265,8 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
                     for item in new + changed + retried]
         job_id = None
         if fact_ids or retract:
-            job = enqueue(session, model, "batch", {"facts": fact_ids, "retract": retract, "source": str(path)},
-                          actor=actor, source=f"{origin}:{path}")
+            job = enqueue(session, model, "batch", {"facts": fact_ids, "retract": retract, "source": name},
+                          actor=actor, source=f"{origin}:{name}")
             job_id = job.id
-    return {"model": model_name, "source": str(path), "job_id": job_id, "new": len(new), "changed": len(changed),
+    return {"model": model_name, "source": name, "job_id": job_id, "new": len(new), "changed": len(changed),
             "retried": len(retried), "unchanged": unchanged, "retract": len(retract), "skipped": skipped}

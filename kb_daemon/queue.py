@@ -103,6 +103,18 @@ def read_image(path: str | Path, settings: Settings, *, root: Path | None = None
     return data
 
 
+def check_image_bytes(data: bytes, name: str, settings: Settings) -> Any:
+    """Validate untrusted image bytes (an upload) as `read_image` does a file; return the image."""
+    from editor.errors import InvalidFactError
+    from editor.images import COMMON_IMAGE_FORMATS, check_image
+
+    try:
+        return check_image(data, name, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                           allowed_formats=COMMON_IMAGE_FORMATS)
+    except InvalidFactError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
 def clean_text(value: str, what: str, limit: int) -> str:
     """`editor.fact.clean_text` (the one cleaning of questions and answers) with the daemon's error."""
     from editor.errors import InvalidFactError

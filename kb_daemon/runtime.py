@@ -66,17 +66,18 @@ def open_image(data: bytes | None) -> Any:
 class ModelRuntime:
     """One model loaded once per process; the codebook follows the version asked for."""
 
-    def __init__(self, model: Model, settings: Settings | None = None) -> None:
-        """Load `model`'s weights on `settings.device` (default: the settings of the environment)."""
+    def __init__(self, model: Model, settings: Settings | None = None, *, answer_only: bool = False) -> None:
+        """Load `model`'s weights on `settings.device` (default: the settings of the environment).
+
+        `answer_only` skips the hard-negative reference pool, which only edits use (a server)."""
         import editor
 
         settings = settings or Settings.from_env()
         self.name = model.name
         backbone = editor.load_backbone(model.path, edit_layer=model.layer, device=settings.device,
                                         dtype=settings.dtype)
-        self.editor = editor.Editor(backbone, layer=model.layer,
-                                    reference_pool=load_reference_pool(model.reference_pool),
-                                    **dict(model.hparams))
+        pool = [] if answer_only else load_reference_pool(model.reference_pool)
+        self.editor = editor.Editor(backbone, layer=model.layer, reference_pool=pool, **dict(model.hparams))
         self.spec = dataclasses.asdict(self.editor.spec)
         self.version: int | None = None
         self.hparams = dict(model.hparams)

@@ -515,11 +515,14 @@ class Service:
             promote_version(session, row, version, actor)
         return Promoted(version, version)
 
-    def ingest(self, model: str, source: str | Path, *, sync: bool, actor: str, origin: str = "cli") -> IngestResult:
-        """Validate the whole source, compare it with the ledger and queue one batch (or nothing)."""
+    def ingest(self, model: str, source: str | Path, *, sync: bool, actor: str, origin: str = "cli",
+               name: str | None = None) -> IngestResult:
+        """Validate the whole source, compare it with the ledger and queue one batch (or nothing).
+        `name` is what the source is known by (default: its path; an upload: its file name)."""
         from kb_daemon.ingest import ingest_source
 
-        data = ingest_source(self.checked_db(), self.settings, model, source, sync=sync, actor=actor, origin=origin)
+        data = ingest_source(self.checked_db(), self.settings, model, source, sync=sync, actor=actor, origin=origin,
+                             name=name)
         result = IngestResult(**data)
         if result.job_id is not None:
             self._signal(model)
@@ -608,6 +611,16 @@ class Service:
 
         with self.checked_db().session() as session:
             return JobInfo.of(_job_of(session, _model(session, model), get_job(session, job_id)))
+
+    def find_job(self, job_id: int) -> tuple[str, JobInfo]:
+        """Job `job_id` of whichever model, with that model's name."""
+        from kb_daemon.queue import get_job
+
+        with self.checked_db().session() as session:
+            job = get_job(session, job_id)
+            model = session.get(Model, job.model_id)
+            assert model is not None
+            return model.name, JobInfo.of(job)
 
     def wait_ended(self, model: str, job_id: int, timeout_seconds: float, poll_seconds: float = 0.2) -> JobInfo:
         """Poll until the job is no longer queued or running, whatever its end."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from kb_daemon.errors import Conflict, KbError, NotFound
@@ -184,6 +184,7 @@ def commit_version(
     session.add(version)
     if not held:
         model.head_version = number
+        announce_head(session, model)
     session.flush()
     return version
 
@@ -195,8 +196,20 @@ def create_initial_version(session: Session, model: Model, actor: str, source: s
     )
     session.add(version)
     model.head_version = 0
+    announce_head(session, model)
     session.flush()
     return version
+
+
+HEAD_CHANNEL = "kb_head"
+
+
+def announce_head(session: Session, model: Model) -> None:
+    """On PostgreSQL, tell listening servers (`LISTEN kb_head`) that `model`'s head moved: the
+    notification is delivered when the transaction commits, and never if it rolls back. Servers
+    also poll the head, so on SQLite, or if a notification is lost, they follow within a poll."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :model)"), {"channel": HEAD_CHANNEL, "model": model.name})
 
 
 def store_entry(session: Session, model: Model, entry: editor.codebook.Entry) -> Entry:
@@ -227,25 +240,46 @@ def materialise(session: Session, model: Model, number: int) -> editor.Codebook:
     The radii come from the spans when every span of the version has one (linear in the size);
     otherwise the editor replays the overlap rule over the entries.
     """
+    return materialise_from(session, model, number, {}).codebook
+
+
+@dataclass(frozen=True)
+class Materialised:
+    codebook: editor.Codebook
+    entry_ids: list[int]  # the entry row id of each codebook entry, in codebook order
+    blobs_read: int  # entries whose tensors came from the database (the others were known)
+
+
+def materialise_from(session: Session, model: Model, number: int,
+                     known: Mapping[int, editor.codebook.Entry]) -> Materialised:
+    """The codebook of version `number`, reading only the blobs of entries not in `known` (entry
+    row id -> tensors this process loaded before): moving a loaded version to a neighbour reads
+    the changed entries' blobs and every span's radius, not every blob."""
     get_version(session, model, number)
     with collector_paused():
         pairs = entries_and_radii_at(session, model, number)
         rows = [entry for entry, _radius in pairs]
         radii = [radius for _entry, radius in pairs]
         stored = None if not pairs or None in radii else cast("list[float]", radii)
-        return codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored)
+        codebook = codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored,
+                               known=known)
+        return Materialised(codebook, [row.id for row in rows], sum(1 for row in rows if row.id not in known))
 
 
 def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str,
-                radii: Sequence[float] | None = None) -> editor.Codebook:
-    """A codebook of stored entries, in the given order, every blob checked; `radii`, when given,
-    are the entries' effective radii (else they are replayed)."""
+                radii: Sequence[float] | None = None,
+                known: Mapping[int, editor.codebook.Entry] | None = None) -> editor.Codebook:
+    """A codebook of stored entries, in the given order, every blob read checked; `radii`, when
+    given, are the entries' effective radii (else they are replayed). `known` maps entry row ids
+    to tensors already loaded (and checked) by this process: their blobs are not read again."""
     from editor.codebook import Codebook, CodebookSpec, entry_from_bytes
 
     if model.spec is None:
         raise KbError(f"model {model.name!r} has never been loaded by a worker; start `kbctl worker`")
-    blobs = get_blobs(session, [row.blob_sha256 for row in rows], what)
-    entries = [entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
+    known = known or {}
+    blobs = get_blobs(session, [row.blob_sha256 for row in rows if row.id not in known], what)
+    entries = [known[row.id] if row.id in known else
+               entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
                for row in rows]
     spec, hparams = CodebookSpec(**model.spec), dict(model.hparams)
     if radii is not None:
@@ -303,6 +337,7 @@ def promote_version(session: Session, model: Model, number: int, actor: str) -> 
     version.held = False
     version.summary = {**version.summary, "promoted_by": actor}
     model.head_version = number
+    announce_head(session, model)
     for fact_id, value in version.summary.get("ledger", {}).items():
         fact = session.get(Fact, fact_id)
         if fact is not None:

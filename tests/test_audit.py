@@ -15,6 +15,7 @@ import click
 import pytest
 import sqlalchemy as sa
 from daemon_harness import Daemon
+from server_harness import Server, make_token
 from tiny_models import image, save
 
 from kb_daemon.cli import cli
@@ -46,7 +47,10 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "token create": ("writes", {"--actor", "--json", "--role"}),
     "token revoke": ("writes", {"--actor", "--json"}),
     "worker": ("daemon", {"--loglevel", *MODEL}),
-    "up": ("daemon", {"--loglevel", *MODEL}),
+    "up": ("daemon", {"--loglevel", "--port", "--serve", *MODEL}),
+    # Changes only through the service methods the commands above use, as its tokens' names.
+    "serve": ("daemon", {"--cached-versions", "--host", "--loglevel", "--max-batch", "--max-body-mb", "--model",
+                         "--poll-seconds", "--port", "--stop-with-parent"}),
     "beat": ("daemon", {"--loglevel"}),
     "model list": ("reads", {"--json"}),
     "ask": ("reads", {"--image", "--json", "--question", "--version", *MODEL}),
@@ -238,6 +242,11 @@ def test_every_state_changing_command_leaves_recorded_history_untouched(tmp_path
                      ("export", "3", str(tmp_path / "export"))):
             run(d, *args, "--json")
         run(d, "ask", "--image", str(assets / "img0.png"), "--question", Q, "--version", "1", "--json")
+        exercised.add("serve")
+        server = Server(d, "--model", "tiny").start()
+        with server.client(make_token(d, "auditor", "reader")) as reader:
+            served_head = reader.get("/v1/models/tiny/versions").json()["head"]
+        assert (served_head, server.stop()) == (d.kbctl("status", "--json")["head_version"], 0)
     finally:
         # SIGTERM: every daemon process stops cleanly.
         exits = d.stop_workers() + gated.stop_workers()

@@ -1,0 +1,283 @@
+"""One served model: its weights loaded once, its versions' codebooks, and one inference thread.
+
+A `ModelHost` answers from the model's head version and follows it: a follower thread reads the
+head (one indexed row) every `poll_seconds`, sooner when PostgreSQL notifies a change, and when it
+moved builds the new version's codebook from the loaded one (reading only the blobs of entries it
+does not hold) before swapping it in. The swap replaces one reference, so a batch that has begun
+keeps the codebook it resolved; the inference thread never waits for a load.
+
+Requests are queued to the inference thread, which takes what is waiting (up to `max_batch`),
+groups it by version and answers each group with one `generate()`. While a batch generates, the
+next one gathers: concurrent clients are batched without a fixed wait, and a lone client's
+request starts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from kb_daemon.errors import KbError
+from kb_daemon.models import Job, JobStatus, Model
+from kb_daemon.queue import get_model
+from kb_daemon.runtime import ModelRuntime
+from kb_daemon.snapshots import Materialised, materialise_from
+
+if TYPE_CHECKING:
+    from kb_daemon.db import Database
+
+logger = logging.getLogger(__name__)
+
+
+class NotReady(KbError):
+    """The model cannot answer yet (its first version is not loaded)."""
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    number: int
+    loaded: Materialised
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    version: int
+    fact_id: str | None
+    distance: float | None
+
+
+@dataclass
+class _Request:
+    version: int | None  # None: the head when the batch forms
+    image: Any  # a PIL image or None
+    question: str
+    future: Future[Reply] = field(default_factory=Future)
+
+
+@dataclass
+class HostState:
+    """What /readyz and /metrics report about one host."""
+
+    name: str
+    loaded_version: int | None
+    head_version: int | None  # as last read from the database
+    lag_versions: int
+    lag_seconds: float  # how long the loaded version has been behind the head (0 when it is not)
+    database_ok: bool
+    staleness_seconds: float | None  # since the head was last read successfully
+    queue_depth: int | None
+    swaps: int
+    last_error: str | None
+
+
+class ModelHost:
+    """Serve one registered model; see the module docstring."""
+
+    def __init__(self, db: Database, name: str, *, poll_seconds: float = 0.5, max_batch: int = 16,
+                 cached_versions: int = 4, runtime_factory: Callable[[Model], ModelRuntime] | None = None) -> None:
+        self.db, self.name = db, name
+        self.poll_seconds, self.max_batch, self.cached_versions = poll_seconds, max_batch, cached_versions
+        self._runtime_factory = runtime_factory or (lambda model: ModelRuntime(model, db.settings, answer_only=True))
+        self.runtime: ModelRuntime | None = None
+        self._head: LoadedVersion | None = None
+        self._pinned: OrderedDict[int, LoadedVersion] = OrderedDict()
+        self._pinned_lock = threading.Lock()
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._db_head: int | None = None
+        self._last_read: float | None = None
+        self._behind_since: float | None = None
+        self._database_ok = False
+        self._queue_depth: int | None = None
+        self._last_error: str | None = None
+        self.swaps = 0
+        self.blobs_read = 0  # entry blobs read from the database since start (tests count loads by it)
+
+    # ----- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the weights and the head version (raises when either fails), then start following."""
+        with self.db.session() as session:
+            model = get_model(session, self.name)
+        runtime = self._runtime_factory(model)
+        with self.db.session() as session:
+            model = get_model(session, self.name)
+            runtime.check_spec(session, model)
+        self.runtime = runtime
+        self._follow_once()
+        if self._head is None:
+            raise NotReady(f"model {self.name!r}: could not load its head version ({self._last_error})")
+        for target, label in ((self._infer_loop, "infer"), (self._follow_loop, "follow")):
+            thread = threading.Thread(target=target, name=f"kb-serve-{label}-{self.name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._requests.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def wake(self) -> None:
+        """Read the head now (a PostgreSQL notification said it moved)."""
+        self._wake.set()
+
+    # ----- answering ----------------------------------------------------------------------
+    def submit(self, image: Any, question: str, version: int | None = None) -> Future[Reply]:
+        """Queue one question; `version` None answers from the head when its batch forms. A pinned
+        version is loaded here, in the caller's thread, before the request is queued."""
+        if self._head is None:
+            raise NotReady(f"model {self.name!r} is not loaded yet")
+        if version is not None and version != self._head.number:
+            self.pinned(version)
+        request = _Request(version, image, question)
+        self._requests.put(request)
+        return request.future
+
+    def pinned(self, number: int) -> LoadedVersion:
+        """Version `number`, loaded on first use and kept among the `cached_versions` last used."""
+        with self._pinned_lock:
+            found = self._pinned.get(number)
+            if found is not None:
+                self._pinned.move_to_end(number)
+                return found
+            loaded = self._load(number, self._head)
+            self._pinned[number] = loaded
+            while len(self._pinned) > self.cached_versions:
+                self._pinned.popitem(last=False)
+            return loaded
+
+    def _resolve(self, version: int | None) -> LoadedVersion:
+        head = self._head
+        assert head is not None
+        if version is None or version == head.number:
+            return head
+        with self._pinned_lock:
+            found = self._pinned.get(version)
+        return found if found is not None else self.pinned(version)
+
+    def _infer_loop(self) -> None:
+        while True:
+            first = self._requests.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._requests.put(None)
+                    break
+                batch.append(item)
+            groups: dict[int, tuple[LoadedVersion, list[_Request]]] = {}
+            for request in batch:
+                try:
+                    loaded = self._resolve(request.version)
+                except Exception as exc:  # noqa: BLE001  (the request's own failure, e.g. a vanished version)
+                    request.future.set_exception(exc)
+                    continue
+                groups.setdefault(loaded.number, (loaded, []))[1].append(request)
+            for loaded, requests in groups.values():
+                self._answer(loaded, requests)
+
+    def _answer(self, loaded: LoadedVersion, requests: list[_Request]) -> None:
+        assert self.runtime is not None
+        editor = self.runtime.editor
+        try:
+            editor.load_codebook(loaded.loaded.codebook)
+            answers = editor.answers([(r.image, r.question) for r in requests])
+        except Exception as exc:  # noqa: BLE001  (reported to each waiting request)
+            logger.exception("model %s: answering a batch of %d failed", self.name, len(requests))
+            for request in requests:
+                request.future.set_exception(exc)
+            return
+        for request, answer in zip(requests, answers, strict=True):
+            request.future.set_result(Reply(answer.text, loaded.number, answer.fact_id, answer.distance))
+
+    # ----- following the head -------------------------------------------------------------
+    def _follow_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._follow_once()
+
+    def _follow_once(self) -> None:
+        try:
+            with self.db.session() as session:
+                head = session.execute(select(Model.head_version).where(Model.name == self.name)).scalar_one()
+                depth = session.execute(select(func.count(Job.id)).join(Model, Model.id == Job.model_id).where(
+                    Model.name == self.name, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+                )).scalar_one()
+            self._db_head, self._queue_depth, self._last_read = head, depth, time.monotonic()
+            if not self._database_ok:
+                if self._last_error is not None:
+                    logger.warning("model %s: the database answers again; following the head", self.name)
+                self._database_ok, self._last_error = True, None
+            current = self._head
+            if current is None or current.number != head:
+                if self._behind_since is None:
+                    self._behind_since = time.monotonic()
+                loaded = self._load(head, current)
+                self._head = loaded  # the swap: batches that already resolved keep their version
+                self._behind_since = None
+                if current is not None:
+                    self.swaps += 1
+                    with self._pinned_lock:  # the previous head stays available to pinned requests
+                        self._pinned[current.number] = current
+                        while len(self._pinned) > self.cached_versions:
+                            self._pinned.popitem(last=False)
+                logger.info("model %s: answering from version %d (%d entries, %d blobs read)", self.name,
+                            head, len(loaded.loaded.codebook), loaded.loaded.blobs_read)
+        except Exception as exc:  # noqa: BLE001  (keep answering from the loaded version; retry next poll)
+            first = self._database_ok or self._last_error is None
+            self._database_ok, self._last_error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if first:
+                logger.warning("model %s: cannot follow the head (%s); answering from version %s",
+                               self.name, self._last_error, self._head.number if self._head else None)
+
+    def _load(self, number: int, base: LoadedVersion | None) -> LoadedVersion:
+        """Version `number`'s codebook, reusing `base`'s entry tensors (only new entries' blobs are read)."""
+        known = {}
+        if base is not None:
+            book = base.loaded.codebook
+            known = {entry_id: book.entry(i) for i, entry_id in enumerate(base.loaded.entry_ids)}
+        with self.db.session() as session:
+            model = get_model(session, self.name)
+            loaded = materialise_from(session, model, number, known)
+        self.blobs_read += loaded.blobs_read
+        return LoadedVersion(number, loaded)
+
+    # ----- reporting ----------------------------------------------------------------------
+    @property
+    def head_number(self) -> int | None:
+        return self._head.number if self._head is not None else None
+
+    def state(self) -> HostState:
+        now = time.monotonic()
+        loaded = self.head_number
+        head = self._db_head
+        lag = max(0, head - loaded) if head is not None and loaded is not None else 0
+        behind = self._behind_since
+        return HostState(
+            self.name, loaded, head, lag,
+            lag_seconds=(now - behind) if behind is not None else 0.0,
+            database_ok=self._database_ok,
+            staleness_seconds=(now - self._last_read) if self._last_read is not None else None,
+            queue_depth=self._queue_depth, swaps=self.swaps, last_error=self._last_error,
+        )
