@@ -77,6 +77,8 @@ class HostState:
     staleness_seconds: float | None  # since the head was last read successfully
     queue_depth: int | None
     swaps: int
+    batches: int  # generate() calls made for requests
+    answered: int  # requests answered by them (answered / batches: the mean batch size)
     last_error: str | None
 
 
@@ -103,6 +105,7 @@ class ModelHost:
         self._queue_depth: int | None = None
         self._last_error: str | None = None
         self.swaps = 0
+        self.batches = self.answered = 0
         self.blobs_read = 0  # entry blobs read from the database since start (tests count loads by it)
 
     # ----- lifecycle ----------------------------------------------------------------------
@@ -205,6 +208,8 @@ class ModelHost:
             for request in requests:
                 request.future.set_exception(exc)
             return
+        self.batches += 1
+        self.answered += len(requests)
         for request, answer in zip(requests, answers, strict=True):
             request.future.set_result(Reply(answer.text, loaded.number, answer.fact_id, answer.distance))
 
@@ -279,5 +284,6 @@ class ModelHost:
             lag_seconds=(now - behind) if behind is not None else 0.0,
             database_ok=self._database_ok,
             staleness_seconds=(now - self._last_read) if self._last_read is not None else None,
-            queue_depth=self._queue_depth, swaps=self.swaps, last_error=self._last_error,
+            queue_depth=self._queue_depth, swaps=self.swaps, batches=self.batches, answered=self.answered,
+            last_error=self._last_error,
         )

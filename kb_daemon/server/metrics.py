@@ -33,16 +33,20 @@ class _HostCollector:
             "queue_depth": GaugeMetricFamily("kb_queue_depth", "Queued and running jobs", labels=["model"]),
             "database_ok": GaugeMetricFamily("kb_database_up", "1 when the last head read succeeded", labels=["model"]),
         }
-        swaps = CounterMetricFamily("kb_version_swaps", "Head versions swapped in since start", labels=["model"])
+        counters = {
+            "swaps": CounterMetricFamily("kb_version_swaps", "Head versions swapped in since start", labels=["model"]),
+            "batches": CounterMetricFamily("kb_batches", "generate() calls answering requests", labels=["model"]),
+            "answered": CounterMetricFamily("kb_batched_requests", "Requests answered by those calls",
+                                            labels=["model"]),
+        }
         for name, host in self.hosts.items():
             state = host.state()
-            for field, family in gauges.items():
+            for field, family in {**gauges, **counters}.items():
                 value = getattr(state, field)
                 if value is not None:
                     family.add_metric([name], float(value))
-            swaps.add_metric([name], state.swaps)
         yield from gauges.values()
-        yield swaps
+        yield from counters.values()
 
 
 class ServerMetrics:
