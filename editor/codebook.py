@@ -7,7 +7,9 @@ entry (fact id, normalised answer, input fingerprint); the base radii are a tens
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from editor.ann import IndexSettings, KeyIndex
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
 from editor.radius import arrive, resolve_overlaps
@@ -79,6 +82,12 @@ class Codebook:
     Appending writes into spare capacity that grows geometrically, so an added entry copies O(1)
     rows on average instead of the whole (N, Din) matrix, and the codebook is two large blocks of
     memory, not two small blocks per entry scattered among a long-lived worker's other allocations.
+
+    From `IndexSettings.threshold` entries on, `lookup` asks an approximate nearest-neighbour index
+    (`editor.ann.KeyIndex`) for candidates and applies their radius tests exactly; below it, it scans
+    every key. The index is this codebook's own derived data: built on the first lookup that needs
+    it (or by `build_index`), kept in step by `add` and `remove`, rebuilt when missing or stale, and
+    never handed to a copy.
     """
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
@@ -94,6 +103,9 @@ class Codebook:
                  entries: Sequence[Entry] = ()) -> None:
         self.spec = spec
         self.hparams = dict(hparams or {})
+        self._index_settings: IndexSettings | None = IndexSettings()
+        self._index: KeyIndex | None = None
+        self._index_lock = threading.Lock()  # one build at a time when lookups share this codebook
         self._refresh(list(entries))
 
     def __repr__(self) -> str:
@@ -258,7 +270,8 @@ class Codebook:
             raise IncompatibleCodebookError(
                 f"values of shape {tuple(entry.values.shape)} do not fit layer output size {self.spec.output_size}"
             )
-        superseded = [r.fact_id for r in self._records if r.input_id == entry.input_id]
+        superseded_rows = [i for i, r in enumerate(self._records) if r.input_id == entry.input_id]
+        superseded = [self._records[i].fact_id for i in superseded_rows]
         if any(r.fact_id == entry.fact_id and r.input_id != entry.input_id for r in self._records):
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         base_radius = float(torch.tensor(entry.base_radius, dtype=torch.float32))
@@ -268,8 +281,13 @@ class Codebook:
         values = entry.values.detach().float().cpu()  # (L, Dout)
         if superseded:
             remaining = [e for e in self.entries if e.input_id != entry.input_id]
+            key_index, self._index = self._index, None
             touched = self._refresh(
                 [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius)])
+            if key_index is not None:
+                key_index.remove_rows(superseded_rows)
+                key_index.append(key)
+                self._index = key_index
         else:  # the common case: only the new entry's arrival needs the overlap rule
             row = self._append(key, values)
             self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, row,
@@ -280,6 +298,8 @@ class Codebook:
             codes = torch.frombuffer(self._codes, dtype=torch.int32).clone()  # (N,)
             touched = arrive(self.keys, self.radii, codes, len(self._records) - 1, self.spec.distance)
             self._device_cache = {}
+            if self._index is not None:
+                self._index.append(key)
         return superseded, [self._records[j].fact_id for j in touched]
 
     def remove(self, fact_id: str) -> None:
@@ -287,15 +307,29 @@ class Codebook:
         index = self.index_of(fact_id)
         entries = self.entries
         del entries[index]
+        key_index, self._index = self._index, None
         self._refresh(entries)
+        if key_index is not None:
+            key_index.remove_rows([index])
+            self._index = key_index
 
     def lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each query, the nearest entry whose ball contains it, else -1.
 
         queries (B, Din) -> (entry index (B,) int64, distance to it (B,) float; inf when none).
-        Only the B x N distances at key positions are computed, never B x T x N: one matrix
-        product against the keys, with their norms prepared once per device.
+        Below the index threshold this is `exact_lookup`; from it on, `indexed_lookup`.
         """
+        if not self._records:
+            n = queries.shape[0]
+            return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("inf"))
+        key_index = self._current_index()
+        if key_index is None:
+            return self.exact_lookup(queries)
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+
+    def exact_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lookup` by scanning every key: the B x N distances at key positions, never B x T x N,
+        as one matrix product against the keys, with their norms prepared once per device."""
         if not self._records:
             n = queries.shape[0]
             return torch.full((n,), -1, dtype=torch.long), torch.full((n,), float("inf"))
@@ -313,6 +347,78 @@ class Codebook:
         best = torch.where(torch.isfinite(best_dist), best, torch.full_like(best, -1))
         return best.cpu(), best_dist.cpu()
 
+    def indexed_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lookup` through the index whatever the codebook's size (building it if needed): among
+        the index's candidates, the nearest whose ball contains the query by the exact distance."""
+        if not self._records:
+            return self.exact_lookup(queries)
+        key_index = self.build_index(self._index_settings or IndexSettings())
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+
+    def _lookup_candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact lookup restricted to candidate rows (B, K), ascending per query, -1 for none:
+        the same distances from the float32 keys, the same radius test, and the same tie rule (the
+        lowest row among equally near entries) as `exact_lookup` over all N keys."""
+        keys, norms, radii = self._on_device(queries.device)
+        q = queries.float()  # (B, Din)
+        rows = rows.to(queries.device)
+        valid = rows >= 0  # (B, K)
+        safe = rows.clamp_min(0)  # (B, K)
+        chosen = keys[safe]  # (B, K, Din)
+        if self.spec.distance == "cosine":
+            unit = torch.nn.functional.normalize(q, dim=-1)  # (B, Din)
+            cos = torch.bmm(chosen, unit.unsqueeze(2)).squeeze(2).mul_(norms[safe])  # (B, K)
+            dist = cos.neg_().add_(1.0).clamp_min_(0.0)  # (B, K)
+        else:
+            squared = norms[safe] - 2.0 * torch.bmm(chosen, q.unsqueeze(2)).squeeze(2)  # (B, K)
+            dist = squared.add_((q * q).sum(dim=1, keepdim=True)).clamp_min_(0.0).sqrt_()  # (B, K)
+        inside = valid & (dist <= radii[safe])  # (B, K)
+        masked = dist.masked_fill_(~inside, float("inf"))  # (B, K)
+        best_dist, best_column = masked.min(dim=1)  # (B,), (B,)
+        best = rows.gather(1, best_column.unsqueeze(1)).squeeze(1)  # (B,)
+        best = torch.where(torch.isfinite(best_dist), best, torch.full_like(best, -1))
+        return best.cpu(), best_dist.cpu()
+
+    def configure_index(self, settings: IndexSettings | None) -> None:
+        """Use the index under `settings` from now on (None: always scan exactly). A built index
+        is kept when only the threshold changes."""
+        built = self._index
+        if built is not None and (settings is None
+                                  or dataclasses.replace(settings, threshold=0)
+                                  != dataclasses.replace(built.settings, threshold=0)):
+            self._index = None
+        self._index_settings = settings
+
+    @property
+    def index_settings(self) -> IndexSettings | None:
+        return self._index_settings
+
+    def build_index(self, settings: IndexSettings | None = None) -> KeyIndex:
+        """The codebook's index, built now if it is missing, stale or inconsistent with the keys
+        (a worker may call this after loading a large version, so the first question does not
+        wait for it)."""
+        settings = settings or self._index_settings or IndexSettings()
+        with self._index_lock:
+            key_index = self._index
+            if (key_index is None or key_index.stale or key_index.settings != settings
+                    or not key_index.consistent_with(len(self), self.spec.input_size, self.spec.distance)):
+                key_index = KeyIndex(self.keys, self.spec.distance, settings)
+                self._index = key_index
+            return key_index
+
+    def drop_index(self) -> None:
+        """Free the index; the next lookup that needs it builds it again from the keys."""
+        self._index = None
+
+    def _current_index(self) -> KeyIndex | None:
+        """The index when this codebook's size calls for it, else None (and an index that is no
+        longer needed is dropped)."""
+        settings = self._index_settings
+        if settings is None or len(self) < settings.threshold:
+            self._index = None
+            return None
+        return self.build_index(settings)
+
     def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, norms, radii) on `device`: for cosine the norms are the keys' inverse norms
         (1 / max(|k|, 1e-12), as `normalize` divides), for Euclidean their squared norms. On the
@@ -329,7 +435,8 @@ class Codebook:
     def memory_bytes(self) -> dict[str, int]:
         """What the codebook holds, in bytes: `tensors`, its keys, value rows and radii (not the
         stores' spare capacity), and `records`, the Python objects it keeps per entry (records,
-        their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them."""
+        their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them, and
+        `index`, the nearest-neighbour index when one is built (0 otherwise)."""
         tensors = self.keys.nbytes + self._value_store[: self._value_rows].nbytes + self.radii.nbytes
         seen: set[int] = set()
         pending: list[Any] = [self._records, self._codes, self._code_of]
@@ -347,10 +454,15 @@ class Codebook:
                 pending.extend(item.values())
             elif isinstance(item, _Record):
                 pending.extend(getattr(item, name) for name in _Record.__slots__)
-        return {"tensors": tensors, "records": records}
+        index = self._index.memory_bytes() if self._index is not None else 0
+        return {"tensors": tensors, "records": records, "index": index}
 
     def copy(self) -> Codebook:
-        return Codebook(self.spec, self.hparams, self.entries)
+        """An independent codebook with the same entries and index settings; it builds its own
+        index when it needs one (an index is never shared between codebooks)."""
+        book = Codebook(self.spec, self.hparams, self.entries)
+        book._index_settings = self._index_settings
+        return book
 
     def to_bytes(self) -> bytes:
         """safetensors bytes; identical codebooks give identical bytes."""

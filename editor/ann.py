@@ -1,0 +1,158 @@
+"""An approximate nearest-neighbour index over a codebook's keys, for codebooks too large to scan.
+
+The index (usearch's HNSW graph) only proposes candidates: for each query it returns the
+`neighbours` keys nearest under a compressed copy of the keys, and the codebook then applies each
+candidate's own radius test with the exact float32 distance (`Codebook.lookup`). Radii are not
+something the index knows, so it never decides on its own that an entry fires.
+
+The index is derived data: built from the codebook's keys, held in memory next to them, never
+saved or loaded, and rebuilt whenever it is missing or stale. It keeps its own labels (one per
+key it was given, never reused) and maps them to codebook rows, so removing an entry deletes one
+label and shifts the rows after it instead of rebuilding the graph; a graph that has lost more
+than `IndexSettings.rebuild_fraction` of its keys this way is rebuilt (`stale`).
+
+Cosine keys are held as int8 (usearch normalises each key and scales it to [-127, 127]: about
+Din bytes per entry plus the graph), Euclidean keys as float16 (int8 would lose their norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from editor.config import Distance
+from editor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """When a codebook uses the index, and how the HNSW graph is built and searched."""
+
+    # Codebooks with fewer entries are scanned exactly (one matrix product against all keys, which
+    # costs less than a graph search up to about this size on the 100M model; bench/lookup_index.py).
+    threshold: int = 20_000
+    # Candidates per query whose radius test is applied exactly. A query inside some ball is
+    # almost always nearest to that ball's key, so a few dozen cover overlapping neighbours too.
+    neighbours: int = 32
+    connectivity: int = 16  # graph edges per node (HNSW's M)
+    expansion_add: int = 128  # candidate list while inserting (ef_construction)
+    expansion_search: int = 64  # candidate list while searching (ef), at least `neighbours`
+    # Threads used to build the graph; 0 uses every core.
+    build_threads: int = 0
+    # Rebuild once removed keys exceed this share of the live ones (deleted nodes stay in the
+    # graph as routing points, and searches through many of them get slower and less exact).
+    rebuild_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "build_threads"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("neighbours", "connectivity", "expansion_add"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.expansion_search < self.neighbours:
+            raise ConfigError(
+                f"expansion_search ({self.expansion_search}) must be at least neighbours ({self.neighbours})"
+            )
+        if not self.rebuild_fraction > 0:
+            raise ConfigError(f"rebuild_fraction must be positive, got {self.rebuild_fraction}")
+
+
+def _index_dtype(distance: Distance) -> str:
+    return "i8" if distance == "cosine" else "f16"
+
+
+def _as_index_vectors(keys: torch.Tensor, distance: Distance) -> np.ndarray:
+    """keys (N, Din) -> float32 array for usearch (which casts to its storage dtype). Euclidean keys
+    are clamped to float16's range so that no key becomes infinite."""
+    array = keys.detach().float().cpu().numpy()
+    if distance == "euclidean":
+        array = np.clip(array, -65000.0, 65000.0)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class KeyIndex:
+    """HNSW graph over the rows of a codebook's key matrix; answers candidate rows per query.
+
+    Not shared between codebooks: each `Codebook` builds its own, and its mutating methods
+    (`append`, `remove_rows`) are called only by the codebook that owns it.
+    """
+
+    def __init__(self, keys: torch.Tensor, distance: Distance, settings: IndexSettings) -> None:
+        from usearch.index import Index  # imported here: only codebooks above the threshold need it
+
+        n, din = keys.shape
+        self.distance: Distance = distance
+        self.settings = settings
+        self.input_size = int(din)
+        self._index = Index(
+            ndim=int(din),
+            metric="cos" if distance == "cosine" else "l2sq",
+            dtype=_index_dtype(distance),
+            connectivity=settings.connectivity,
+            expansion_add=settings.expansion_add,
+            expansion_search=settings.expansion_search,
+        )
+        self._label_of_row = np.arange(n, dtype=np.int64)  # (N,) the label of codebook row i
+        self._row_of_label = np.arange(n, dtype=np.int64)  # (labels,) its row, or -1 once removed
+        self._removed = 0
+        if n:
+            self._index.add(self._label_of_row, _as_index_vectors(keys, distance), threads=settings.build_threads)
+
+    def __len__(self) -> int:
+        return int(self._label_of_row.shape[0])
+
+    @property
+    def stale(self) -> bool:
+        """True when the graph holds so many removed keys that it should be rebuilt."""
+        return self._removed > self.settings.rebuild_fraction * max(len(self), 1)
+
+    def consistent_with(self, num_entries: int, input_size: int, distance: Distance) -> bool:
+        """Whether the index still describes a codebook of this size, width and distance."""
+        return (
+            len(self) == num_entries
+            and len(self._index) == num_entries
+            and self.input_size == input_size
+            and self.distance == distance
+        )
+
+    def append(self, key: torch.Tensor) -> None:
+        """Index key (Din,) as the codebook's new last row."""
+        label = int(self._row_of_label.shape[0])
+        self._index.add(label, _as_index_vectors(key.unsqueeze(0), self.distance)[0], threads=1)
+        self._row_of_label = np.append(self._row_of_label, len(self))
+        self._label_of_row = np.append(self._label_of_row, label)
+
+    def remove_rows(self, rows: list[int]) -> None:
+        """Forget codebook rows `rows` (indices before the removal); later rows move up."""
+        if not rows:
+            return
+        labels = self._label_of_row[rows]
+        self._index.remove(labels)
+        self._row_of_label[labels] = -1
+        self._label_of_row = np.delete(self._label_of_row, rows)
+        self._row_of_label[self._label_of_row] = np.arange(len(self), dtype=np.int64)
+        self._removed += len(rows)
+
+    def candidates(self, queries: torch.Tensor) -> torch.Tensor:
+        """The rows of the `neighbours` keys nearest each query under the index's compressed copy,
+        ascending by row, -1 where fewer were found. queries (B, Din) -> (B, K) int64."""
+        count = min(self.settings.neighbours, max(len(self), 1))
+        vectors = _as_index_vectors(queries, self.distance)  # (B, Din)
+        matches = self._index.search(vectors, count, threads=1)
+        # One query gives a `Matches` of the found labels only; several a padded `BatchMatches`.
+        labels = np.asarray(matches.keys, dtype=np.int64).reshape(queries.shape[0], -1)  # (B, K)
+        counts = getattr(matches, "counts", None)
+        found_per_query = np.asarray([labels.shape[1]] if counts is None else counts).reshape(-1, 1)  # (B, 1)
+        found = np.arange(labels.shape[1])[None, :] < found_per_query  # (B, K)
+        inside = found & (labels >= 0) & (labels < self._row_of_label.shape[0])
+        rows = np.where(inside, self._row_of_label[np.where(inside, labels, 0)], -1)  # (B, K)
+        # Missing results last, the rest ascending: the codebook's tie rule picks the lowest row.
+        rows = np.sort(np.where(rows < 0, np.iinfo(np.int64).max, rows), axis=1)
+        return torch.from_numpy(np.where(rows == np.iinfo(np.int64).max, -1, rows))
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the graph and its compressed keys, plus the label maps."""
+        return int(self._index.memory_usage) + self._label_of_row.nbytes + self._row_of_label.nbytes

@@ -1,0 +1,233 @@
+"""The indexed lookup (editor.ann) against the exact scan, on synthetic codebooks CI can afford.
+
+Keys are clustered in 32 dimensions; each entry's radius is a random fraction (0.3 to 1.2) of the
+distance to its nearest other key, so some balls overlap and a query inside several of them must
+get the nearest. Every entry the indexed lookup fires is checked with a float64 distance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editor.ann import IndexSettings
+from editor.codebook import Codebook, CodebookSpec, Entry
+from editor.errors import ConfigError
+from editor.radius import pairwise_distances
+
+DIN, DOUT = 32, 4
+# Index at every size; one build thread, so that the graph (and so each test's outcome) is the same
+# on every run: a graph built by several threads depends on their timing.
+ALWAYS = IndexSettings(threshold=0, build_threads=1)
+NEVER = None  # exact scan at every size
+
+
+def clustered_keys(count: int, generator: torch.Generator) -> torch.Tensor:
+    centres = torch.randn(count // 20 + 1, DIN, generator=generator) * 3.0  # (C, Din)
+    picks = torch.randint(0, centres.shape[0], (count,), generator=generator)  # (N,)
+    return (centres[picks] + torch.randn(count, DIN, generator=generator)).contiguous()  # (N, Din)
+
+
+def nearest_other(keys: torch.Tensor, distance: str) -> torch.Tensor:
+    """Distance from each key to its nearest other key, in blocks. -> (N,)"""
+    nearest = torch.empty(keys.shape[0])
+    unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
+    for start in range(0, keys.shape[0], 2048):
+        if distance == "cosine":
+            block = 1.0 - unit[start : start + 2048] @ unit.T  # (R, N)
+        else:
+            block = pairwise_distances(keys[start : start + 2048], keys, "euclidean")  # (R, N)
+        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = float("inf")
+        nearest[start : start + 2048] = block.min(dim=1).values
+    return nearest
+
+
+def synthetic_book(count: int, distance: str, seed: int = 0) -> Codebook:
+    """A codebook over shared value rows (`Codebook.from_stores`), radii given, not replayed."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = clustered_keys(count, generator)
+    radii = nearest_other(keys, distance) * (0.3 + 0.9 * torch.rand(count, generator=generator))  # (N,)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, distance)  # type: ignore[arg-type]
+    values = torch.zeros(2, DOUT)
+    return Codebook.from_stores(spec, {}, [(f"f{i}", f"a{i % 7}", f"i{i}") for i in range(count)], keys,
+                                values, [(0, 2)] * count, radii.tolist(), radii)
+
+
+def queries_near(book: Codebook, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Points inside or near random entries' balls. -> (count, Din)"""
+    rows = torch.randint(0, len(book), (count,), generator=generator)
+    keys = book.keys[rows]  # (Q, Din)
+    direction = torch.nn.functional.normalize(torch.randn(count, DIN, generator=generator), dim=-1)
+    if book.spec.distance == "cosine":
+        # A cosine distance d between nearby unit vectors is about angle^2 / 2.
+        angle = (2.0 * book.radii[rows] * torch.rand(count, generator=generator)).sqrt()  # (Q,)
+        return keys + keys.norm(dim=1, keepdim=True) * angle.unsqueeze(1) * direction
+    return keys + (1.1 * book.radii[rows] * torch.rand(count, generator=generator)).unsqueeze(1) * direction
+
+
+def exact_distance(book: Codebook, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Float64 distance from each query to the key of its row. -> (Q,)"""
+    q, k = queries.double(), book.keys[rows].double()
+    if book.spec.distance == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(q, k, dim=1)
+    return (q - k).norm(dim=1)
+
+
+def assert_every_fired_passes_its_radius(book: Codebook, queries: torch.Tensor, fired: torch.Tensor,
+                                         distance: torch.Tensor) -> None:
+    """Each fired entry passes its radius test by the float32 distance the lookup reports, and that
+    distance is the float64 one up to the rounding of the codebook's float32 arithmetic: for cosine
+    about 1e-7 (1 - cos), for Euclidean about 1e-7 of |q|^2 + |k|^2 in the squared distance
+    (|q|^2 - 2 q.k + |k|^2, as the exact scan computes it)."""
+    hit = fired >= 0
+    d64 = exact_distance(book, queries[hit], fired[hit])
+    radius = book.radii[fired[hit]]
+    assert torch.all(distance[hit] <= radius)
+    if book.spec.distance == "cosine":
+        slack = torch.full_like(d64, 1e-6)
+        assert torch.all(d64 <= radius.double() + slack)
+        assert torch.all((distance[hit].double() - d64).abs() <= slack)
+    else:
+        scale = queries[hit].double().pow(2).sum(1) + book.keys[fired[hit]].double().pow(2).sum(1)
+        slack = 1e-6 * scale
+        assert torch.all(d64.pow(2) <= radius.double().pow(2) + slack)
+        assert torch.all((distance[hit].double().pow(2) - d64.pow(2)).abs() <= slack)
+    assert torch.all(torch.isinf(distance[~hit]))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
+    book = synthetic_book(20_000, distance)
+    book.configure_index(ALWAYS)
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.cat([queries_near(book, 4000, generator),
+                         torch.randn(500, DIN, generator=generator) * 4.0])  # (Q, Din)
+    exact, exact_dist = book.exact_lookup(queries)
+    fired, fired_dist = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, len(queries), 16)],
+                                  dim=1)
+    fired = fired.long()
+    inside = exact >= 0
+    assert int(inside.sum()) >= 3500  # most queries lie inside some ball
+    agreement = float((fired[inside] == exact[inside]).double().mean())
+    assert agreement >= 0.999, f"indexed lookup agrees with the exact scan on {agreement:.4%} of inputs"
+    assert_every_fired_passes_its_radius(book, queries, fired, fired_dist)
+    # Where both fire the same entry, they report the same distance up to float32 rounding.
+    same = inside & (fired == exact)
+    if distance == "cosine":
+        assert torch.allclose(fired_dist[same], exact_dist[same], rtol=0.0, atol=1e-6)
+    else:
+        scale = queries[same].pow(2).sum(1) + book.keys[exact[same]].pow(2).sum(1)  # (S,)
+        assert torch.all((fired_dist[same].pow(2) - exact_dist[same].pow(2)).abs() <= 2e-6 * scale)
+    assert book.memory_bytes()["index"] > 0
+
+
+def test_below_the_threshold_the_lookup_is_the_exact_scan_bit_for_bit() -> None:
+    book = synthetic_book(3000, "cosine")
+    book.configure_index(IndexSettings(threshold=3001, build_threads=1))
+    queries = queries_near(book, 200, torch.Generator().manual_seed(2))
+    fired, distance = book.lookup(queries)
+    exact, exact_distance_ = book.exact_lookup(queries)
+    assert torch.equal(fired, exact) and torch.equal(distance, exact_distance_)
+    assert book.memory_bytes()["index"] == 0  # nothing built below the threshold
+
+
+def entries_for(book: Codebook, rows: range) -> list[Entry]:
+    return [book.entry(i) for i in rows]
+
+
+def small_book(count: int, settings: IndexSettings | None) -> Codebook:
+    """A codebook built by `add` (the overlap rule replayed), indexed under `settings`."""
+    source = synthetic_book(count, "cosine", seed=3)
+    book = Codebook(source.spec, {})
+    book.configure_index(settings)
+    for e in entries_for(source, range(count)):
+        book.add(Entry(e.fact_id, e.answer, e.input_id, e.key, e.values, e.base_radius * 0.5))
+    return book
+
+
+def agree_on_own_keys(book: Codebook) -> None:
+    """Every entry's own key lies inside its ball: indexed and exact must fire the same entry."""
+    fired, distance = book.lookup(book.keys)
+    exact, _ = book.exact_lookup(book.keys)
+    assert torch.equal(fired, exact)
+    assert_every_fired_passes_its_radius(book, book.keys, fired, distance)
+
+
+def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
+    book = small_book(400, IndexSettings(threshold=401, build_threads=1))
+    assert book.memory_bytes()["index"] == 0
+    agree_on_own_keys(book)
+    source = synthetic_book(401, "cosine", seed=4)
+    extra = source.entry(400)
+    book.add(Entry("extra", extra.answer, "extra-input", extra.key, extra.values, 0.01))
+    agree_on_own_keys(book)  # 401 entries: through the index
+    assert book.memory_bytes()["index"] > 0
+    book.remove("extra")
+    agree_on_own_keys(book)  # back to 400: the exact scan, and the index is let go
+    assert book.memory_bytes()["index"] == 0
+
+
+def test_retract_and_supersede_keep_the_index_in_step() -> None:
+    book = small_book(600, ALWAYS)
+    agree_on_own_keys(book)
+    built = book.build_index()
+    gone = book.entry(123)
+    book.remove(gone.fact_id)
+    assert book.build_index() is built  # the removal deleted one label; no rebuild
+    assert gone.fact_id not in book.fact_ids
+    fired, _ = book.lookup(gone.key.unsqueeze(0))
+    assert int(fired[0]) == -1 or book.fact_id(int(fired[0])) != gone.fact_id
+    agree_on_own_keys(book)
+
+    # Supersede: a new fact for entry 200's input, at a new key, replaces it.
+    old = book.entry(200)
+    new_key = old.key + 0.3 * old.key.norm() * torch.nn.functional.normalize(torch.ones(DIN), dim=0)
+    superseded, _ = book.add(Entry("replacement", "new answer", old.input_id, new_key, old.values, 0.001))
+    assert superseded == [old.fact_id]
+    assert book.build_index() is built
+    fired, _ = book.lookup(new_key.unsqueeze(0))
+    assert book.fact_id(int(fired[0])) == "replacement"
+    agree_on_own_keys(book)
+
+
+def test_index_is_rebuilt_when_dropped_corrupted_or_stale() -> None:
+    book = small_book(500, ALWAYS)
+    first = book.build_index()
+    book.drop_index()
+    assert book.memory_bytes()["index"] == 0
+    agree_on_own_keys(book)
+    second = book.build_index()
+    assert second is not first
+
+    # Corrupted: labels deleted behind the codebook's back leave the graph short of keys.
+    second._index.remove([0, 1, 2])
+    agree_on_own_keys(book)
+    assert book.build_index() is not second
+
+    # Stale: removals beyond rebuild_fraction of the live keys.
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, rebuild_fraction=0.01))
+    third = book.build_index()
+    for fact_id in book.fact_ids[:6]:
+        book.remove(fact_id)
+    assert third.stale
+    agree_on_own_keys(book)
+    assert book.build_index() is not third
+
+
+def test_copies_never_share_an_index() -> None:
+    book = small_book(300, ALWAYS)
+    built = book.build_index()
+    twin = book.copy()
+    assert twin.index_settings == book.index_settings
+    assert twin.memory_bytes()["index"] == 0
+    twin.remove(twin.fact_ids[0])
+    agree_on_own_keys(twin)
+    assert book.build_index() is built and len(built) == len(book) == 300
+    agree_on_own_keys(book)
+
+
+def test_index_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="expansion_search"):
+        IndexSettings(neighbours=64, expansion_search=32)
+    with pytest.raises(ConfigError, match="threshold"):
+        IndexSettings(threshold=-1)
