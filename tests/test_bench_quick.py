@@ -26,6 +26,8 @@ CASES = {
     "bench/storage.py": {"keys": {"benchmark", "final_entries", "blob_bytes", "materialise_seconds", "machine"},
                          "markdown": False},
     "bench/edit_timing.py": {"keys": {"benchmark", "models", "machine", "quick"}, "markdown": False},
+    "bench/serve_throughput.py": {"keys": {"benchmark", "in_process", "server", "targets", "machine"},
+                                  "markdown": False},
 }
 
 
