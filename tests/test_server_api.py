@@ -125,6 +125,8 @@ def test_bad_inputs_are_one_line_and_record_nothing(served, tiny_assets):
          "model 'tiny' has no version 99 (versions 0..0)"),
         ("POST", "/v1/chat/completions", {"json": chat_body("tiny@x", Q, red)}, 400,
          "model 'tiny@x': the version after '@' must be a number"),
+        ("POST", "/v1/chat/completions", {"json": chat([text])}, 400,
+         "model 'tiny' answers questions about an image; send one"),
         ("POST", "/v1/chat/completions", {"content": b"{not json"}, 400, "the request body is not valid JSON"),
         ("POST", "/v1/chat/completions", {"content": big, "headers": {"Content-Type": "application/json"}}, 413,
          "request body over 1,048,576 bytes"),

@@ -30,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kb_daemon.config import Settings
+from kb_daemon.db import DatabaseUnavailable
 from kb_daemon.errors import Conflict, InvalidInput, KbError, NotFound
 from kb_daemon.models import Role
 from kb_daemon.queue import FactInput
@@ -60,6 +61,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (TooLarge, 413, "too_large"),
     (NotReady, 503, "not_ready"),
     (Unavailable, 503, "unavailable"),
+    (DatabaseUnavailable, 503, "unavailable"),
     (InvalidInput, 400, "invalid_input"),
     (KbError, 400, "invalid_request"),
 ]
@@ -198,7 +200,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         if status == 500:
             logger.exception("%s %s failed", request.method, request.url.path)
             message = "internal error; the server log has the details"
-        elif status == 503 and kind == "unavailable" and isinstance(exc, SQLAlchemyError):
+        elif isinstance(exc, (SQLAlchemyError, DatabaseUnavailable)):  # its text names the database
             message = "the database cannot be reached; retry later"
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(kind, message), status_code=status, headers=headers)

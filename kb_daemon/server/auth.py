@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from kb_daemon.db import DatabaseUnavailable
 from kb_daemon.errors import KbError
 from kb_daemon.models import Role
 from kb_daemon.tokens import Identity, authenticate, digest
@@ -48,7 +49,7 @@ class Authenticator:
         key = digest(token)
         try:
             identity = authenticate(self.db, token)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, DatabaseUnavailable) as exc:
             with self._lock:
                 known = self._accepted.get(key)
             if known is None:

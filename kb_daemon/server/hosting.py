@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from kb_daemon.errors import KbError
+from kb_daemon.errors import InvalidInput, KbError
 from kb_daemon.models import Job, JobStatus, Model
 from kb_daemon.queue import get_model
 from kb_daemon.runtime import ModelRuntime
@@ -58,7 +58,7 @@ class Reply:
 
 @dataclass
 class _Request:
-    version: int | None  # None: the head when the batch forms
+    pinned: LoadedVersion | None  # None: the head when the batch forms
     image: Any  # a PIL image or None
     question: str
     future: Future[Reply] = field(default_factory=Future)
@@ -93,7 +93,8 @@ class ModelHost:
         self.runtime: ModelRuntime | None = None
         self._head: LoadedVersion | None = None
         self._pinned: OrderedDict[int, LoadedVersion] = OrderedDict()
-        self._pinned_lock = threading.Lock()
+        self._pinned_lock = threading.Lock()  # guards _pinned
+        self._pinned_load_lock = threading.Lock()
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -141,35 +142,46 @@ class ModelHost:
     def submit(self, image: Any, question: str, version: int | None = None) -> Future[Reply]:
         """Queue one question; `version` None answers from the head when its batch forms. A pinned
         version is loaded here, in the caller's thread, before the request is queued."""
-        if self._head is None:
+        if self._head is None or self.runtime is None:
             raise NotReady(f"model {self.name!r} is not loaded yet")
-        if version is not None and version != self._head.number:
-            self.pinned(version)
-        request = _Request(version, image, question)
+        needs_image = self.runtime.editor.backbone.family.needs_image
+        if needs_image and image is None:
+            raise InvalidInput(f"model {self.name!r} answers questions about an image; send one")
+        if not needs_image and image is not None:
+            raise InvalidInput(f"model {self.name!r} is a text-only model; send no image")
+        head = self._head
+        loaded = None if version is None else head if version == head.number else self.pinned(version)
+        request = _Request(loaded, image, question)
         self._requests.put(request)
         return request.future
 
     def pinned(self, number: int) -> LoadedVersion:
-        """Version `number`, loaded on first use and kept among the `cached_versions` last used."""
+        """Version `number`, loaded on first use and kept among the `cached_versions` last used.
+        One pinned load at a time; the head keeps following meanwhile."""
+        found = self._cached(number)
+        if found is not None:
+            return found
+        with self._pinned_load_lock:
+            found = self._cached(number)
+            if found is not None:
+                return found
+            loaded = self._load(number, self._head)
+            self._remember(loaded)
+            return loaded
+
+    def _cached(self, number: int) -> LoadedVersion | None:
         with self._pinned_lock:
             found = self._pinned.get(number)
             if found is not None:
                 self._pinned.move_to_end(number)
-                return found
-            loaded = self._load(number, self._head)
-            self._pinned[number] = loaded
+            return found
+
+    def _remember(self, loaded: LoadedVersion) -> None:
+        with self._pinned_lock:
+            self._pinned[loaded.number] = loaded
+            self._pinned.move_to_end(loaded.number)
             while len(self._pinned) > self.cached_versions:
                 self._pinned.popitem(last=False)
-            return loaded
-
-    def _resolve(self, version: int | None) -> LoadedVersion:
-        head = self._head
-        assert head is not None
-        if version is None or version == head.number:
-            return head
-        with self._pinned_lock:
-            found = self._pinned.get(version)
-        return found if found is not None else self.pinned(version)
 
     def _infer_loop(self) -> None:
         while True:
@@ -186,13 +198,11 @@ class ModelHost:
                     self._requests.put(None)
                     break
                 batch.append(item)
+            head = self._head
+            assert head is not None
             groups: dict[int, tuple[LoadedVersion, list[_Request]]] = {}
-            for request in batch:
-                try:
-                    loaded = self._resolve(request.version)
-                except Exception as exc:  # noqa: BLE001  (the request's own failure, e.g. a vanished version)
-                    request.future.set_exception(exc)
-                    continue
+            for request in batch:  # the head as it is now, for every request not pinned to a version
+                loaded = request.pinned or head
                 groups.setdefault(loaded.number, (loaded, []))[1].append(request)
             for loaded, requests in groups.values():
                 self._answer(loaded, requests)
@@ -243,10 +253,7 @@ class ModelHost:
                 self._behind_since = None
                 if current is not None:
                     self.swaps += 1
-                    with self._pinned_lock:  # the previous head stays available to pinned requests
-                        self._pinned[current.number] = current
-                        while len(self._pinned) > self.cached_versions:
-                            self._pinned.popitem(last=False)
+                    self._remember(current)  # the previous head stays available to pinned requests
                 logger.info("model %s: answering from version %d (%d entries, %d blobs read)", self.name,
                             head, len(loaded.loaded.codebook), loaded.loaded.blobs_read)
         except Exception as exc:  # noqa: BLE001  (keep answering from the loaded version; retry next poll)
@@ -257,11 +264,16 @@ class ModelHost:
                                self.name, self._last_error, self._head.number if self._head else None)
 
     def _load(self, number: int, base: LoadedVersion | None) -> LoadedVersion:
-        """Version `number`'s codebook, reusing `base`'s entry tensors (only new entries' blobs are read)."""
-        known = {}
-        if base is not None:
-            book = base.loaded.codebook
-            known = {entry_id: book.entry(i) for i, entry_id in enumerate(base.loaded.entry_ids)}
+        """Version `number`'s codebook, reusing the entry tensors of `base` and of the cached pinned
+        versions: only the blobs of entries none of them holds are read."""
+        with self._pinned_lock:
+            held = [base, *self._pinned.values()] if base is not None else list(self._pinned.values())
+        known: dict[int, Any] = {}
+        for loaded_version in held:
+            book = loaded_version.loaded.codebook
+            for i, entry_id in enumerate(loaded_version.loaded.entry_ids):
+                if entry_id not in known:
+                    known[entry_id] = book.entry(i)
         with self.db.session() as session:
             model = get_model(session, self.name)
             loaded = materialise_from(session, model, number, known)
