@@ -192,3 +192,73 @@ def test_kbctl_serve_help_teaches():
 
     out = subprocess.run([*KBCTL, "serve", "--help"], capture_output=True, text=True, check=True).stdout
     assert "Example:" in out and "Authorization: Bearer" in out and "--max-batch" in out
+
+
+def test_every_admin_use_case_over_http(served, tiny_assets):
+    """Ingest (an uploaded source and image archive), the native answer route, streaming chat, and
+    the reading routes: each answers with the service's own JSON."""
+    import openai
+
+    d, server, tokens, _ = served
+    red, green = ((tiny_assets / f"{name}.png").read_bytes() for name in ("red", "green"))
+    source = "".join(json.dumps(line) + "\n" for line in (
+        {"key": "k1", "image": "img/red.png", "question": Q, "answer": "box"},
+        {"key": "k2", "image": "img/green.png", "question": Q, "answer": "disc"}))
+    with server.client(tokens["admin"]) as admin:
+        queued = admin.post("/v1/models/tiny/ingest", data={"sync": "true"},
+                            files={"source": ("nightly.jsonl", source.encode(), "application/jsonl"),
+                                   "images": ("images.zip", _zip({"img/red.png": red, "img/green.png": green}), "x")})
+        assert queued.status_code == 202, queued.text
+        result = queued.json()
+        assert (result["new"], result["source"]) == (2, "upload:nightly.jsonl")
+        job = admin.get(f"/v1/jobs/{result['job_id']}").json()
+        assert (job["kind"], job["actor"], job["source"]) == ("batch", "admin-bot", "http:upload:nightly.jsonl")
+        again = admin.post("/v1/models/tiny/ingest", files={
+            "source": ("nightly.jsonl", source.encode(), "x"),
+            "images": ("images.tar", _tar({"img/red.png": red, "img/green.png": green}), "x")}).json()
+        assert (again["job_id"], again["new"], again["unchanged"]) == (None, 0, 2)  # pending facts are known
+        assert admin.post(f"/v1/jobs/{result['job_id']}/cancel").json()["status"] == "cancelled"
+        retried = admin.post(f"/v1/jobs/{result['job_id']}/retry")
+        assert retried.status_code == 202 and retried.json()["job_id"] > result["job_id"]
+
+        answered = admin.post("/v1/models/tiny/answer", json={"question": Q, "image_base64": _b64(red)})
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["version"] == 0 and answered.headers["X-KB-Version"] == "0"
+        pinned = admin.post("/v1/models/tiny/answer", data={"question": Q, "version": "0"},
+                            files={"image": ("red.png", red, "image/png")}).json()
+        assert pinned["answer"] == answered.json()["answer"]
+
+        status = admin.get("/v1/models/tiny/status").json()
+        assert status["queue_depth"] >= 1 and status["served"]["loaded_version"] == 0
+        assert admin.get("/v1/models/tiny/versions/0").json()["kind"] == "init"
+        assert admin.get("/v1/models/tiny/diff", params={"first": 0, "second": 0}).json()["added"] == []
+        assert [j["kind"] for j in admin.get("/v1/models/tiny/jobs").json()["jobs"]][:2] == ["batch", "batch"]
+        promoted = admin.post("/v1/models/tiny/versions/0/promote")
+        assert promoted.status_code == 409 and "is not held" in promoted.json()["error"]["message"]
+        exported = admin.get("/v1/models/tiny/versions/0/export")
+        assert exported.headers["content-type"] == "application/zip", exported.text
+        with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
+            assert sorted(archive.namelist()) == ["codebook.safetensors", "metadata.json"]
+            assert json.loads(archive.read("metadata.json"))["model"] == "tiny"
+        assert "kb_http_requests_total" in admin.get("/metrics").text
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tokens["reader"], max_retries=0)
+    body = chat_body("tiny", Q, red)
+    chunks = list(client.chat.completions.create(model="tiny", messages=body["messages"], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answered.json()["answer"]
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -189,8 +189,8 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         finally:
             await run_in_threadpool(server.stop)
 
-    app = FastAPI(title="kb-daemon", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/v1/openapi.json")
+    # No unauthenticated schema or docs pages: every route but /healthz needs a token.
+    app = FastAPI(title="kb-daemon", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
     @app.exception_handler(Exception)
@@ -457,7 +457,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         bundle = await call(server.service.export, name, version)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr("codebook.safetensors", bundle.data)
+            archive.writestr("codebook.safetensors", bundle.codebook)
             archive.writestr("metadata.json", json.dumps(bundle.metadata, indent=2, default=str))
         filename = f"{name}-v{version}.zip"
         return Response(buffer.getvalue(), media_type="application/zip",
