@@ -17,5 +17,6 @@ setup(
         "kb_daemon.migrations.versions",
     ],
     package_dir={"kb_daemon.migrations": "migrations"},
-    package_data={"editor.demo": ["model/*"], "kb_daemon.migrations": ["script.py.mako"]},
+    package_data={"editor.demo": ["model/*"], "kb_daemon.migrations": ["script.py.mako"],
+                  "kb_daemon.server": ["templates/*.html", "static/*"]},
 )

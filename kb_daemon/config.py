@@ -52,6 +52,9 @@ class Settings:
     # of the keys pass, so these bound how long one edit holds its model's queue.
     max_rephrases_per_fact: int = 32
     max_negatives_per_fact: int = 32  # negative images and negative questions together
+    # Signs the operator console's session cookies. Servers behind one load balancer need the same
+    # value; unset, each server keeps a random one in $KB_HOME/session-secret.
+    session_secret: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -92,6 +95,8 @@ class Settings:
             if env["KB_DTYPE"] not in ("auto", "float32", "bfloat16", "float16"):
                 raise InvalidInput(f"KB_DTYPE must be auto, float32, bfloat16 or float16, got {env['KB_DTYPE']!r}")
             overrides["dtype"] = env["KB_DTYPE"]
+        if env.get("KB_SESSION_SECRET"):
+            overrides["session_secret"] = env["KB_SESSION_SECRET"]
         if env.get("KB_INGEST_SCHEDULE"):
             overrides["ingest_schedule"] = env["KB_INGEST_SCHEDULE"]
         return replace(settings, **overrides) if overrides else settings

@@ -187,12 +187,13 @@ class JobInfo(Result):
     finished_at: datetime | None
     progress: tuple[int, int]
     version: int | None
+    started_at: datetime | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobInfo:
         return cls(job.id, job.seq, job.kind, job.status, job.payload, job.attempts, job.error, job.actor,
                    job.source, job.created_at, job.finished_at, (job.progress_done, job.progress_total),
-                   (job.result or {}).get("version"))
+                   (job.result or {}).get("version"), job.started_at)
 
     @property
     def unfinished(self) -> bool:
@@ -256,12 +257,25 @@ class FactSummary(Result):
 
 
 @dataclass(frozen=True)
+class FactCard(Result):
+    fact_id: str
+    question: str
+    answer: str
+    status: str
+    image_sha256: str | None
+
+
+@dataclass(frozen=True)
 class VersionDetail(Result):
     info: VersionInfo
     facts: list[FactSummary]
+    canaries: dict[str, Any] | None = None  # a batch's canary check: total, changed, broken (before/after)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.info.as_dict(), "facts": [f.as_dict() for f in self.facts]}
+        data = {**self.info.as_dict(), "facts": [f.as_dict() for f in self.facts]}
+        if self.canaries is not None:
+            data["canaries"] = self.canaries
+        return data
 
 
 @dataclass(frozen=True)
@@ -324,6 +338,7 @@ class FactDetail(Result):
     error: str | None
     report: dict[str, Any] | None
     warnings: list[str]
+    image_sha256: str | None = None  # the fact's image blob (None for a text-only model)
 
 
 def report_warnings(report: dict[str, Any] | None) -> list[str]:
@@ -652,34 +667,86 @@ class Service:
                 row.last_worker, _seconds_since(now, row.last_worker_seen_at),
             )
 
-    def history(self, model: str, limit: int = 50) -> tuple[int, list[VersionInfo]]:
-        """(head version, the newest `limit` versions, newest first)."""
+    def history(self, model: str, limit: int = 50, before: int | None = None) -> tuple[int, list[VersionInfo]]:
+        """(head version, the newest `limit` versions below `before` (default: all), newest first)."""
         with self.checked_db().session() as session:
             row = _model(session, model)
+            query = select(Version).where(Version.model_id == row.id)
+            if before is not None:
+                query = query.where(Version.number < before)
             versions = [VersionInfo.of(v) for v in session.execute(
-                select(Version).where(Version.model_id == row.id).order_by(Version.number.desc()).limit(limit)
-            ).scalars()]
+                query.order_by(Version.number.desc()).limit(limit)).scalars()]
             return row.head_version, versions
+
+    def fact_cards(self, model: str, fact_ids: Sequence[str]) -> list[FactCard]:
+        """Short descriptions of facts of `model` (unknown ids are left out), in the order asked."""
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            found = _facts_by_id(session, list(fact_ids))
+            return [FactCard(f.id, f.question, f.answer, f.status, f.image_sha256)
+                    for f in (found.get(i) for i in fact_ids) if f is not None and f.model_id == row.id]
+
+    def held_versions(self, model: str) -> list[VersionInfo]:
+        """Batch versions the canary gate held and nobody has promoted yet, newest first."""
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            rows = session.execute(select(Version).where(Version.model_id == row.id, Version.held.is_(True))
+                                   .order_by(Version.number.desc())).scalars()
+            return [VersionInfo.of(v) for v in rows if not v.summary.get("promoted_by")]
+
+    def image(self, model: str, digest: str) -> bytes:
+        """The bytes of an image that a fact of `model` was given (its own or a negative)."""
+        from kb_daemon.models import Blob
+        from kb_daemon.snapshots import get_blob
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            blob = session.get(Blob, digest)
+            owned = session.execute(select(Fact.id).where(Fact.model_id == row.id, Fact.image_sha256 == digest)
+                                    .limit(1)).first() is not None
+            if blob is None or blob.kind != "image" or not (owned or _negative_of(session, row, digest)):
+                raise NotFound(f"model {model!r} has no image {digest[:12]}")
+            return get_blob(session, digest, f"image {digest[:12]}")
+
+    def head_at(self, model: str, when: datetime) -> VersionInfo | None:
+        """The version that was head at `when`: the newest one created by then that was not held
+        (a promoted version counts from its creation). None before the model existed."""
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            found = session.execute(
+                select(Version).where(Version.model_id == row.id, Version.created_at <= when,
+                                      (Version.held.is_(False)) | (Version.summary["promoted_by"].isnot(None)))
+                .order_by(Version.number.desc()).limit(1)).scalar_one_or_none()
+            return VersionInfo.of(found) if found is not None else None
 
     def show(self, model: str, version: int) -> VersionDetail:
         from kb_daemon.snapshots import entries_at, get_version
 
         with self.checked_db().session() as session:
             row = _model(session, model)
-            info = VersionInfo.of(get_version(session, row, version))
+            stored = get_version(session, row, version)
             entries = entries_at(session, row, version)
             facts = _facts_by_id(session, [e.fact_id for e in entries])
-            return VersionDetail(info, [FactSummary(e.fact_id, facts[e.fact_id].question, facts[e.fact_id].answer,
-                                                    e.base_radius) for e in entries])
+            return VersionDetail(VersionInfo.of(stored),
+                                 [FactSummary(e.fact_id, facts[e.fact_id].question, facts[e.fact_id].answer,
+                                              e.base_radius) for e in entries],
+                                 stored.summary.get("canaries"))
 
     def diff(self, model: str, first: int, second: int) -> VersionDiff:
-        from kb_daemon.snapshots import materialise
+        """Facts added and removed from `first` to `second`, and radii changed. Read from the spans'
+        stored radii (no blob is read) unless a span predates them; then both versions are built."""
+        from kb_daemon.snapshots import entries_and_radii_at, get_version, materialise
 
         with self.checked_db().session() as session:
             row = _model(session, model)
-            a, b = materialise(session, row, first), materialise(session, row, second)
-        radii_a = dict(zip(a.fact_ids, a.radii.tolist(), strict=True))
-        radii_b = dict(zip(b.fact_ids, b.radii.tolist(), strict=True))
+            get_version(session, row, first)
+            get_version(session, row, second)
+            radii_a = {e.fact_id: r for e, r in entries_and_radii_at(session, row, first)}
+            radii_b = {e.fact_id: r for e, r in entries_and_radii_at(session, row, second)}
+            if None in radii_a.values() or None in radii_b.values():
+                a, b = materialise(session, row, first), materialise(session, row, second)
+                radii_a = dict(zip(a.fact_ids, a.radii.tolist(), strict=True))
+                radii_b = dict(zip(b.fact_ids, b.radii.tolist(), strict=True))
         return VersionDiff(
             first, second,
             added=[f for f in radii_b if f not in radii_a],
@@ -721,7 +788,7 @@ class Service:
             return FactDetail(fact.id, fact.status, fact.question, fact.answer, list(fact.rephrases),
                               list(fact.negatives), fact.key, fact.source, fact.actor, fact.submitted_at,
                               fact.entered_version, fact.left_version, fact.superseded_by, fact.error, report,
-                              report_warnings(report))
+                              report_warnings(report), fact.image_sha256)
 
     def ask(self, model: str, image: bytes | None, question: str, version: int | None = None) -> Answer:
         """Answer with the edited model at `version` (default: the head), loaded in this process."""
@@ -758,6 +825,16 @@ def _job_of(session: Session, model: Model, job: Job) -> Job:
     if job.model_id != model.id:
         raise NotFound(f"model {model.name!r} has no job {job.id}")
     return job
+
+
+def _negative_of(session: Session, model: Model, digest: str) -> bool:
+    """Whether some fact of `model` has the image `digest` among its negatives (a text search of
+    the JSON column narrows the facts, the decoded list decides)."""
+    from sqlalchemy import String, cast
+
+    candidates = session.execute(select(Fact.negatives).where(
+        Fact.model_id == model.id, cast(Fact.negatives, String).contains(digest)).limit(20)).scalars()
+    return any(n.get("image_sha256") == digest for negatives in candidates for n in negatives)
 
 
 def _facts_by_id(session: Session, fact_ids: Sequence[str]) -> dict[str, Fact]:

@@ -173,7 +173,12 @@ def authenticate(db: Database, token: str | None) -> Identity | None:
     """
     if not token or len(token) > MAX_TOKEN_CHARS:
         return None
-    wanted = digest(token)
+    return authenticate_digest(db, digest(token))
+
+
+def authenticate_digest(db: Database, wanted: str) -> Identity | None:
+    """`authenticate` for a token known by its digest only (the console's signed session cookie
+    holds the digest, never the token)."""
     with db.session() as session:
         row = session.execute(
             select(ApiToken).where(ApiToken.token_sha256 == wanted, ApiToken.revoked_at.is_(None))

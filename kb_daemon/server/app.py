@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from kb_daemon.config import Settings
 from kb_daemon.db import DatabaseUnavailable
@@ -35,6 +36,7 @@ from kb_daemon.errors import Conflict, InvalidInput, KbError, NotFound
 from kb_daemon.models import Role
 from kb_daemon.queue import FactInput
 from kb_daemon.server.auth import Authenticator, Forbidden, Unauthorized, Unavailable, require
+from kb_daemon.server.console import LoginRequired, console_error, console_router
 from kb_daemon.server.hosting import ModelHost, NotReady, Reply
 from kb_daemon.server.inputs import (
     TooLarge,
@@ -194,8 +196,13 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
     app.state.server = server
 
     @app.exception_handler(Exception)
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> Response:
         status, kind = _classify(exc)
+        page = console_error(request, exc, status)
+        if page is not None:
+            if status == 500:
+                logger.exception("%s %s failed", request.method, request.url.path)
+            return page
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if status == 500:
             logger.exception("%s %s failed", request.method, request.url.path)
@@ -205,7 +212,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
-    for handled in (KbError, SQLAlchemyError):
+    for handled in (KbError, SQLAlchemyError, LoginRequired):
         app.add_exception_handler(handled, on_error)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
@@ -216,12 +223,13 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         return JSONResponse(error_body("invalid_input", f"{where}: {message}" if where else message), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         message = str(exc.detail)
         if exc.status_code in (404, 405):
             message = f"{message}: {request.method} {request.url.path}"
-        return JSONResponse(error_body(kind, message), status_code=exc.status_code)
+        page = console_error(request, StarletteHTTPException(exc.status_code, message), exc.status_code)
+        return page or JSONResponse(error_body(kind, message), status_code=exc.status_code)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -235,6 +243,9 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
+    # The console: its pages need a session (from a token); its login form and stylesheet cannot.
+    app.include_router(console_router(server))
+    app.mount("/ui/static", StaticFiles(directory=str(Path(__file__).resolve().parent / "static")), name="static")
 
     def caller(request: Request, role: Role, action: str) -> Identity:
         identity = server.auth.identify(request.headers.get("authorization"))

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from kb_daemon.db import DatabaseUnavailable
 from kb_daemon.errors import KbError
 from kb_daemon.models import Role
-from kb_daemon.tokens import Identity, authenticate, digest
+from kb_daemon.tokens import Identity, authenticate_digest, digest
 
 if TYPE_CHECKING:
     from kb_daemon.db import Database
@@ -46,9 +46,12 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("this route needs a token: send 'Authorization: Bearer <token>' "
                                "(create one with `kbctl token create NAME --role reader`)")
-        key = digest(token)
+        return self.identify_digest(digest(token))
+
+    def identify_digest(self, key: str) -> Identity:
+        """The identity of the token whose digest is `key` (a console session's)."""
         try:
-            identity = authenticate(self.db, token)
+            identity = authenticate_digest(self.db, key)
         except (SQLAlchemyError, DatabaseUnavailable) as exc:
             with self._lock:
                 known = self._accepted.get(key)

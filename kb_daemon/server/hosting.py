@@ -46,6 +46,7 @@ class NotReady(KbError):
 class LoadedVersion:
     number: int
     loaded: Materialised
+    positions: dict[str, int]  # fact id -> its entry's index in the codebook
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Reply:
     version: int
     fact_id: str | None
     distance: float | None
+    radius: float | None = None  # the fired entry's effective radius in that version
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Request:
     pinned: LoadedVersion | None  # None: the head when the batch forms
     image: Any  # a PIL image or None
     question: str
+    edited: bool = True  # False: the base model's answer, every edit bypassed
     future: Future[Reply] = field(default_factory=Future)
 
 
@@ -139,7 +142,7 @@ class ModelHost:
         self._wake.set()
 
     # ----- answering ----------------------------------------------------------------------
-    def submit(self, image: Any, question: str, version: int | None = None) -> Future[Reply]:
+    def submit(self, image: Any, question: str, version: int | None = None, *, edited: bool = True) -> Future[Reply]:
         """Queue one question; `version` None answers from the head when its batch forms. A pinned
         version is loaded here, in the caller's thread, before the request is queued."""
         if self._head is None or self.runtime is None:
@@ -151,7 +154,7 @@ class ModelHost:
             raise InvalidInput(f"model {self.name!r} is a text-only model; send no image")
         head = self._head
         loaded = None if version is None else head if version == head.number else self.pinned(version)
-        request = _Request(loaded, image, question)
+        request = _Request(loaded, image, question, edited)
         self._requests.put(request)
         return request.future
 
@@ -200,19 +203,20 @@ class ModelHost:
                 batch.append(item)
             head = self._head
             assert head is not None
-            groups: dict[int, tuple[LoadedVersion, list[_Request]]] = {}
+            groups: dict[tuple[int, bool], tuple[LoadedVersion, list[_Request]]] = {}
             for request in batch:  # the head as it is now, for every request not pinned to a version
                 loaded = request.pinned or head
-                groups.setdefault(loaded.number, (loaded, []))[1].append(request)
-            for loaded, requests in groups.values():
-                self._answer(loaded, requests)
+                groups.setdefault((loaded.number, request.edited), (loaded, []))[1].append(request)
+            for (_number, edited), (loaded, requests) in groups.items():
+                self._answer(loaded, requests, edited)
 
-    def _answer(self, loaded: LoadedVersion, requests: list[_Request]) -> None:
+    def _answer(self, loaded: LoadedVersion, requests: list[_Request], edited: bool) -> None:
         assert self.runtime is not None
         editor = self.runtime.editor
+        codebook = loaded.loaded.codebook
         try:
-            editor.load_codebook(loaded.loaded.codebook)
-            answers = editor.answers([(r.image, r.question) for r in requests])
+            editor.load_codebook(codebook)
+            answers = editor.answers([(r.image, r.question) for r in requests], edited=edited)
         except Exception as exc:  # noqa: BLE001  (reported to each waiting request)
             logger.exception("model %s: answering a batch of %d failed", self.name, len(requests))
             for request in requests:
@@ -221,7 +225,8 @@ class ModelHost:
         self.batches += 1
         self.answered += len(requests)
         for request, answer in zip(requests, answers, strict=True):
-            request.future.set_result(Reply(answer.text, loaded.number, answer.fact_id, answer.distance))
+            radius = float(codebook.radii[loaded.positions[answer.fact_id]]) if answer.fact_id else None
+            request.future.set_result(Reply(answer.text, loaded.number, answer.fact_id, answer.distance, radius))
 
     # ----- following the head -------------------------------------------------------------
     def _follow_loop(self) -> None:
@@ -278,7 +283,7 @@ class ModelHost:
             model = get_model(session, self.name)
             loaded = materialise_from(session, model, number, known)
         self.blobs_read += loaded.blobs_read
-        return LoadedVersion(number, loaded)
+        return LoadedVersion(number, loaded, {fact_id: i for i, fact_id in enumerate(loaded.codebook.fact_ids)})
 
     # ----- reporting ----------------------------------------------------------------------
     @property
