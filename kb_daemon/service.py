@@ -719,6 +719,15 @@ class Service:
                 .order_by(Version.number.desc()).limit(1)).scalar_one_or_none()
             return VersionInfo.of(found) if found is not None else None
 
+    def version(self, model: str, version: int) -> VersionDetail:
+        """`show` without the list of every fact the version holds (what it added and removed is
+        in its info): one row, for pages."""
+        from kb_daemon.snapshots import get_version
+
+        with self.checked_db().session() as session:
+            stored = get_version(session, _model(session, model), version)
+            return VersionDetail(VersionInfo.of(stored), [], stored.summary.get("canaries"))
+
     def show(self, model: str, version: int) -> VersionDetail:
         from kb_daemon.snapshots import entries_at, get_version
 
@@ -735,14 +744,13 @@ class Service:
     def diff(self, model: str, first: int, second: int) -> VersionDiff:
         """Facts added and removed from `first` to `second`, and radii changed. Read from the spans'
         stored radii (no blob is read) unless a span predates them; then both versions are built."""
-        from kb_daemon.snapshots import entries_and_radii_at, get_version, materialise
+        from kb_daemon.snapshots import get_version, materialise, radii_by_fact_at
 
         with self.checked_db().session() as session:
             row = _model(session, model)
             get_version(session, row, first)
             get_version(session, row, second)
-            radii_a = {e.fact_id: r for e, r in entries_and_radii_at(session, row, first)}
-            radii_b = {e.fact_id: r for e, r in entries_and_radii_at(session, row, second)}
+            radii_a, radii_b = radii_by_fact_at(session, row, first), radii_by_fact_at(session, row, second)
             if None in radii_a.values() or None in radii_b.values():
                 a, b = materialise(session, row, first), materialise(session, row, second)
                 radii_a = dict(zip(a.fact_ids, a.radii.tolist(), strict=True))

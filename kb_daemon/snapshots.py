@@ -113,6 +113,22 @@ def entries_and_radii_at(session: Session, model: Model, number: int) -> list[tu
     return [(entry, radius) for entry, radius in rows]
 
 
+def radii_by_fact_at(session: Session, model: Model, number: int) -> dict[str, float | None]:
+    """Fact id -> effective radius of each entry of version `number` (None for spans recorded before
+    radii were stored), read as plain columns: no entity objects, no blob."""
+    rows = session.execute(
+        select(Entry.fact_id, EntrySpan.radius)
+        .join(EntrySpan, EntrySpan.entry_id == Entry.id)
+        .where(
+            EntrySpan.model_id == model.id,
+            EntrySpan.from_version <= number,
+            or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number),
+        )
+        .order_by(Entry.id)
+    )
+    return {fact_id: radius for fact_id, radius in rows}
+
+
 def content_hash(entries: Sequence[Entry]) -> str:
     """Equal for versions with the same entries in the same order (a rollback and its target)."""
     record = [[e.fact_id, e.blob_sha256, e.base_radius] for e in entries]

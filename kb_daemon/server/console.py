@@ -219,10 +219,10 @@ def console_router(server: Server) -> APIRouter:
     @router.get("/models/{name}/versions/{number}")
     async def version(request: Request, name: str, number: int, against: int | None = None) -> HTMLResponse:
         who = viewer(request)
-        detail = await call(service.show, name, number)
+        detail = await call(service.version, name, number)
         base = against if against is not None else detail.info.parent
         diff = await call(service.diff, name, base, number) if base is not None else None
-        added_ids = diff.added if diff is not None else [f.fact_id for f in detail.facts]
+        added_ids = diff.added if diff is not None else detail.info.added
         added = await call(service.fact_cards, name, added_ids[:SHOWN_FACTS])
         left = await call(service.fact_cards, name, diff.removed[:SHOWN_FACTS]) if diff is not None else []
         head, _ = await call(service.history, name, 1)
