@@ -686,6 +686,21 @@ class Service:
             return [FactCard(f.id, f.question, f.answer, f.status, f.image_sha256)
                     for f in (found.get(i) for i in fact_ids) if f is not None and f.model_id == row.id]
 
+    def radius_at(self, model: str, fact_id: str, version: int | None = None) -> float | None:
+        """The effective radius of a fact's entry in `version` (default: the head); None when the
+        version does not hold it (or predates stored radii)."""
+        from sqlalchemy import or_
+
+        from kb_daemon.models import Entry, EntrySpan
+
+        with self.checked_db().session() as session:
+            row = _model(session, model)
+            number = row.head_version if version is None else version
+            return session.execute(
+                select(EntrySpan.radius).join(Entry, Entry.id == EntrySpan.entry_id).where(
+                    Entry.model_id == row.id, Entry.fact_id == fact_id, EntrySpan.from_version <= number,
+                    or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number))).scalar_one_or_none()
+
     def held_versions(self, model: str) -> list[VersionInfo]:
         """Batch versions the canary gate held and nobody has promoted yet, newest first."""
         with self.checked_db().session() as session:

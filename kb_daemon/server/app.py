@@ -200,7 +200,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         status, kind = _classify(exc)
         page = console_error(request, exc, status)
         if page is not None:
-            if status == 500:
+            if status == 500 and not isinstance(exc, LoginRequired):
                 logger.exception("%s %s failed", request.method, request.url.path)
             return page
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -233,7 +233,8 @@ def console_router(server: Server) -> APIRouter:
     async def fact(request: Request, name: str, fact_id: str) -> HTMLResponse:
         who = viewer(request)
         detail = await call(service.fact, name, fact_id)
-        return page(request, "fact.html", who, name=name, fact=detail)
+        radius = await call(service.radius_at, name, fact_id)
+        return page(request, "fact.html", who, name=name, fact=detail, radius=radius)
 
     @router.get("/models/{name}/jobs")
     async def jobs(request: Request, name: str) -> HTMLResponse:
