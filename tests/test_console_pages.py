@@ -128,3 +128,22 @@ def test_every_form_needs_its_csrf_and_its_role(console, tiny_assets):
     tried = client.post("/ui/models/tiny/try", data={"csrf": csrf, "question": Q},
                         files={"image": ("r.png", red, "image/png")})
     assert tried.status_code == 200 and 'id="answer"' in tried.text and 'id="unedited"' in tried.text
+
+
+def test_eval_reports_are_charted(console):
+    import json
+
+    d, client, tokens, _evil, _app = console
+    folder = d.home / "eval"
+    folder.mkdir(exist_ok=True)
+    curve = [{"edits": n, "exact": {"acc": 100.0, "t_gen": 90.0 - n, "i_gen": None, "loc": 95.0, "hm": 80.0 + n},
+              "token": {}} for n in (2, 4, 8)]
+    (folder / "balancedit.json").write_text(json.dumps({"mode": "sequential", "hparams": {"method": "balancedit"},
+                                                        "num_cases": 8, "exact": {"hm": 88.0}, "curve": curve}))
+    (folder / "notes.json").write_text("[1, 2]")
+    log_in(client, tokens["reader"])
+    page = client.get("/ui/eval").text
+    assert "balancedit, sequential, 8 cases: hm 88.0" in page
+    assert page.count("<svg") == 4  # Acc, T-Gen, Loc, HM: I-Gen has no points
+    assert 'aria-label="T-Gen, from 0 to 88 %"' in page
+    assert "notes.json" in page and "not a kbctl eval report" in page

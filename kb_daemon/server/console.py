@@ -255,6 +255,13 @@ def console_router(server: Server) -> APIRouter:
         return Response(await call(_thumbnail, data, max(16, min(size, 1024))), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=86400"})
 
+    @router.get("/eval")
+    async def eval_reports(request: Request) -> HTMLResponse:
+        """The metric curves of the `kbctl eval --json` reports kept in $KB_HOME/eval/."""
+        who = viewer(request)
+        reports = await call(_eval_reports, server.settings.home / "eval")
+        return page(request, "eval.html", who, reports=reports, folder=server.settings.home / "eval")
+
     # ----- try it -----------------------------------------------------------------------------
     @router.get("/models/{name}/try")
     async def try_form(request: Request, name: str, fact: str | None = None,
@@ -390,6 +397,29 @@ def console_error(request: Request, exc: Exception, status: int) -> Response | N
 
 
 # ----- helpers ------------------------------------------------------------------------------------
+EVAL_SERIES = (("acc", "Acc"), ("t_gen", "T-Gen"), ("i_gen", "I-Gen"), ("loc", "Loc"), ("hm", "HM"))
+MAX_EVAL_REPORTS = 50
+
+
+def _eval_reports(folder: Path) -> list[dict[str, Any]]:
+    """Each readable report in `folder` (newest first): its name, method, mode, totals and one
+    exact-match curve per metric; a file that is not a report is listed with why."""
+    found = []
+    paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    for path in paths[:MAX_EVAL_REPORTS]:
+        try:
+            report = json.loads(path.read_text())
+            curve = report["curve"]
+            series = {label: [(float(point["edits"]), float(point["exact"][key])) for point in curve
+                              if point["exact"].get(key) is not None] for key, label in EVAL_SERIES}
+            found.append({"name": path.name, "method": report.get("hparams", {}).get("method", "?"),
+                          "mode": report.get("mode"), "cases": report.get("num_cases"),
+                          "totals": report.get("exact", {}), "series": series, "error": None})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            found.append({"name": path.name, "error": f"not a kbctl eval report ({type(exc).__name__})"})
+    return found
+
+
 def _thumbnail(data: bytes, pixels: int) -> bytes:
     from PIL import Image
 
@@ -429,9 +459,10 @@ def _queue_depth(jobs: list[Any]) -> list[tuple[float, float]]:
     return [(t, float(sum(1 for s, e in spans if s <= t < e))) for t in moments]
 
 
-def line_chart(points: list[tuple[float, float]], title: str, unit: str, width: int = 420, height: int = 120) -> Markup:
-    """A small SVG line chart of (x, y) points; x is a Unix time. Readable without colour: the line
-    is drawn with markers and the axis range is written out."""
+def line_chart(points: list[tuple[float, float]], title: str, unit: str, width: int = 420, height: int = 120,
+               x_unit: str | None = None) -> Markup:
+    """A small SVG line chart of (x, y) points; x is a Unix time, or a count of `x_unit` when given.
+    Readable without colour: one series per chart, and the axis ranges are written out."""
     if len(points) < 2:
         return Markup(f'<p class="muted">{Markup.escape(title)}: not enough data yet</p>')
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -445,8 +476,11 @@ def line_chart(points: list[tuple[float, float]], title: str, unit: str, width: 
         return height - pad - (height - 2 * pad) * (y / y1)
 
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    start = datetime.fromtimestamp(x0, timezone.utc).strftime("%m-%d %H:%M")
-    end = datetime.fromtimestamp(x1, timezone.utc).strftime("%m-%d %H:%M")
+    if x_unit is None:
+        start = datetime.fromtimestamp(x0, timezone.utc).strftime("%m-%d %H:%M")
+        end = datetime.fromtimestamp(x1, timezone.utc).strftime("%m-%d %H:%M") + " UTC"
+    else:
+        start, end = f"{x0:g}", f"{x1:g} {Markup.escape(x_unit)}"
     return Markup(
         f'<figure class="chart"><svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
         f'aria-label="{Markup.escape(title)}, from 0 to {y1:g} {Markup.escape(unit)}">'
@@ -455,5 +489,5 @@ def line_chart(points: list[tuple[float, float]], title: str, unit: str, width: 
         f'<polyline points="{line}" class="series"/>'
         f'<text x="{pad}" y="{pad - 8}">{y1:g} {Markup.escape(unit)}</text>'
         f'<text x="{pad}" y="{height - 8}">{start}</text>'
-        f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{end} UTC</text>'
+        f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{end}</text>'
         f'</svg><figcaption>{Markup.escape(title)}</figcaption></figure>')
