@@ -192,6 +192,19 @@ class Installation:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CPU_TICKS  # utime, stime
 
+    def counters(self, url: str, token: str) -> dict[str, float]:
+        """The server's CPU seconds so far and its batch counters from /metrics."""
+        import httpx
+
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30).text
+        found = {"server_cpu_seconds": self.cpu_seconds()}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            for metric in ("kb_batches_total", "kb_batched_requests_total"):
+                if name.startswith(metric + "{") and 'model="demo"' in name:
+                    found[metric] = float(value)
+        return found
+
     def batches(self) -> list[tuple[float, int, float]]:
         """(ended, size, seconds) of every batch the server answered; `ended` is its `time.monotonic()`
         (CLOCK_MONOTONIC, the same clock in every process)."""
@@ -222,9 +235,9 @@ def serve_with_batch_log(log_path: str, args: list[str]) -> None:
     log = open(log_path, "a", buffering=1)
     answer = hosting.ModelHost._answer
 
-    def logged(host: Any, loaded: Any, requests: list[Any]) -> None:
+    def logged(host: Any, loaded: Any, requests: list[Any], *args: Any, **kwargs: Any) -> None:
         tick = time.monotonic()
-        answer(host, loaded, requests)
+        answer(host, loaded, requests, *args, **kwargs)
         ended = time.monotonic()
         log.write(f"{ended:.6f} {len(requests)} {ended - tick:.6f}\n")
 
@@ -249,14 +262,16 @@ class Level:
     clients: int
     done: list[Completed] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    span: tuple[float, float] = (0.0, 0.0)  # time.monotonic() when the clients started and when all stopped
     window: tuple[float, float] = (0.0, 0.0)  # time.monotonic() at its opening and closing
-    cpu_seconds: tuple[float, float] = (0.0, 0.0)  # the server's and this process's, within the window
+    counted: dict[str, float] = field(default_factory=dict)  # counter increments within the window
 
 
 def run_level(url: str, token: str, bodies: list[bytes], clients: int, warmup_seconds: float, seconds: float,
-              min_requests: int, max_seconds: float, server_cpu: Callable[[], float]) -> Level:
+              min_requests: int, max_seconds: float, counters: Callable[[], dict[str, float]]) -> Level:
     """`clients` threads asking without pause; the window opens after the warm-up and closes once it
-    is `seconds` long and holds `min_requests` completions (or at `max_seconds`)."""
+    is `seconds` long and holds `min_requests` completions (or at `max_seconds`). `counters()` is read
+    at the window's opening and closing."""
     import httpx
 
     level = Level(clients)
@@ -286,10 +301,11 @@ def run_level(url: str, token: str, bodies: list[bytes], clients: int, warmup_se
                         level.errors.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    began = time.monotonic()
     for thread in threads:
         thread.start()
     time.sleep(warmup_seconds)
-    cpu_before = server_cpu(), sum(os.times()[:2])
+    before_counters = {**counters(), "client_cpu_seconds": sum(os.times()[:2])}
     opened = time.monotonic()
     with lock:
         before = len(level.done)
@@ -301,16 +317,18 @@ def run_level(url: str, token: str, bodies: list[bytes], clients: int, warmup_se
         if (now - opened >= seconds and in_window >= min_requests) or now - opened >= max_seconds:
             break
     level.window = (opened, now)
-    level.cpu_seconds = (server_cpu() - cpu_before[0], sum(os.times()[:2]) - cpu_before[1])
+    after_counters = {**counters(), "client_cpu_seconds": sum(os.times()[:2])}
+    level.counted = {k: after_counters[k] - v for k, v in before_counters.items() if k in after_counters}
     stop.set()
     for thread in threads:
         thread.join(timeout=600)
+    level.span = (began, time.monotonic())
     return level
 
 
 def summarise(level: Level, references: list[str], batches: list[tuple[float, int, float]] | None) -> dict[str, Any]:
     opened, closed = level.window
-    server_cpu, client_cpu = level.cpu_seconds
+    counted = level.counted
     inside = [r for r in level.done if opened <= r.started + r.seconds <= closed]
     ok = [r for r in inside if r.status == 200]
     window = closed - opened
@@ -323,8 +341,10 @@ def summarise(level: Level, references: list[str], batches: list[tuple[float, in
         "latency_ms_p95": round(1000 * percentile(latencies, 0.95), 1) if ok else None,
         "latency_ms_p99": round(1000 * percentile(latencies, 0.99), 1) if ok else None,
         "answers_unlike_in_process": sum(1 for r in ok if r.answer != references[r.pair]),
-        "server_cpu_seconds_per_request": round(server_cpu / len(ok), 4) if ok else None,
-        "client_cpu_seconds_per_request": round(client_cpu / len(ok), 4) if ok else None,
+        "server_cpu_seconds_per_request": round(counted["server_cpu_seconds"] / len(ok), 4) if ok else None,
+        "client_cpu_seconds_per_request": round(counted["client_cpu_seconds"] / len(ok), 4) if ok else None,
+        "metrics_batch_size_mean": round(counted["kb_batched_requests_total"] / counted["kb_batches_total"], 2)
+        if counted.get("kb_batches_total") else None,
         "errors": sorted(set(level.errors))[:5],
     }
     if batches is not None:
@@ -333,7 +353,7 @@ def summarise(level: Level, references: list[str], batches: list[tuple[float, in
         # the inference thread's time inside the window (a batch may straddle its edges)
         busy = sum(max(0.0, min(ended, closed) - max(ended - seconds, opened)) for ended, _, seconds in batches)
         row.update({
-            "batches": len(batches),
+            "batches": len(sizes),
             "batch_size_mean": round(statistics.mean(sizes), 2) if sizes else None,
             "batch_size_max": max(sizes) if sizes else None,
             "batch_sizes": {str(s): sizes.count(s) for s in sorted(set(sizes))},
@@ -373,7 +393,10 @@ def markdown_table(report: dict[str, Any]) -> str:
              "| in process, batch = clients: answers/s (before / after) |",
              "|---|---|---|---|---|---|---|"]
     for row in report["server"]:
-        batch = f"{row['batch_size_mean']} ({row['batch_size_max']})" if row.get("batch_size_mean") else ""
+        if row.get("batch_size_mean"):
+            batch = f"{row['batch_size_mean']} ({row['batch_size_max']})"
+        else:
+            batch = str(row.get("metrics_batch_size_mean") or "")
         base = [b[str(row["clients"])]["answers_per_second"] for b in report["in_process"].values()
                 if str(row["clients"]) in b]
         lines.append(f"| {row['clients']} | {row['latency_ms_p50']} | {row['latency_ms_p95']} | "
@@ -426,24 +449,30 @@ def main() -> None:
         "columns": {"requests": ["client", "started_s", "seconds", "status", "pair"],
                     "batches": ["ended_s", "size", "seconds"]},  # times from the window's opening
         "levels": []}
+    failed = True
     try:
         url = install.start("demo", args.max_batch, args.plain_server)
         for clients in client_counts:
             level = run_level(url, token, bodies, clients, args.warmup_seconds, args.seconds, args.min_requests,
-                              args.max_seconds, install.cpu_seconds)
+                              args.max_seconds, lambda: install.counters(url, token))
             batches = None if args.plain_server else install.batches()
             rows.append(summarise(level, references, batches))
             print(json.dumps(rows[-1]), flush=True)
+            if rows[-1]["requests"] == 0:
+                raise RuntimeError(f"no request succeeded with {clients} clients: {rows[-1]['errors']}\n"
+                                   f"server log ({install.home / 'server.log'}):\n{install.log()}")
             opened = level.window[0]
             raw["levels"].append({
                 "clients": clients, "window": [0.0, round(level.window[1] - opened, 4)],
                 "requests": [[r.client, round(r.started - opened, 4), round(r.seconds, 5), r.status, r.pair]
                              for r in level.done],
                 "batches": [[round(ended - opened, 4), size, round(seconds, 5)] for ended, size, seconds in batches
-                            if opened - 60 <= ended <= level.window[1] + 60] if batches is not None else None})
+                            if level.span[0] <= ended <= level.span[1]] if batches is not None else None})
+        failed = False
     finally:
         install.stop()
-        shutil.rmtree(install.home, ignore_errors=True)
+        if not failed:  # a failed run's installation stays, with the server's log
+            shutil.rmtree(install.home, ignore_errors=True)
     baselines["after_server"] = in_process(ed, pairs, batch_sizes, args.inprocess_seconds, 3)
 
     report = {
