@@ -95,6 +95,8 @@ def test_wheel_holds_every_module_and_the_files_read_at_run_time(wheel):
     expected |= {f"editor/demo/model/{path.name}" for path in (REPO / "editor" / "demo" / "model").iterdir()}
     expected |= {f"kb_daemon/{path.relative_to(REPO)}" for path in (REPO / "migrations").rglob("*.py")}
     expected.add("kb_daemon/migrations/script.py.mako")  # the template of `alembic revision`
+    expected |= {str(path.relative_to(REPO)) for folder in ("templates", "static")  # the console's pages and assets
+                 for path in (REPO / "kb_daemon" / "server" / folder).iterdir()}
     assert "kb_daemon/migrations/versions/0001_initial_schema.py" in expected
     missing = sorted(expected - names)
     assert not missing, f"missing from the wheel: {missing}"
