@@ -240,7 +240,8 @@ def test_every_admin_use_case_over_http(served, tiny_assets):
         with zipfile.ZipFile(io.BytesIO(exported.content)) as archive:
             assert sorted(archive.namelist()) == ["codebook.safetensors", "metadata.json"]
             assert json.loads(archive.read("metadata.json"))["model"] == "tiny"
-        assert "kb_http_requests_total" in admin.get("/metrics").text
+        metrics = admin.get("/metrics").text
+        assert "kb_http_requests_total" in metrics and 'kb_batch_size_count{model="tiny"}' in metrics
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tokens["reader"], max_retries=0)
     body = chat_body("tiny", Q, red)
     chunks = list(client.chat.completions.create(model="tiny", messages=body["messages"], stream=True))

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from kb_daemon.db import Database
 
 logger = logging.getLogger(__name__)
+# How long a batch may wait for the clients the previous batch answered: this share of that batch's
+# seconds, at most MAX_GATHER_SECONDS (bench/serve_throughput.py measured the split it prevents).
+GATHER_SHARE = 0.25
+MAX_GATHER_SECONDS = 0.05
 
 
 class NotReady(KbError):
@@ -110,6 +114,7 @@ class ModelHost:
         self._last_error: str | None = None
         self.swaps = 0
         self.batches = self.answered = 0
+        self.batch_sizes: Counter[int] = Counter()  # requests per generate() call -> calls
         self.blobs_read = 0  # entry blobs read from the database since start (tests count loads by it)
 
     # ----- lifecycle ----------------------------------------------------------------------
@@ -186,29 +191,50 @@ class ModelHost:
             while len(self._pinned) > self.cached_versions:
                 self._pinned.popitem(last=False)
 
+    def _gather(self, first: _Request, previous: int, previous_seconds: float) -> list[_Request]:
+        """`first` and what else is queued, up to `max_batch`. When fewer are waiting than the
+        previous batch answered, wait for the rest a little (a quarter of that batch's time, at most
+        MAX_GATHER_SECONDS): the clients it answered are sending their next requests, and without the
+        wait they would split into a large batch and a small one, alternating. After a batch of
+        one there is no wait, so a lone client's request starts at once."""
+        batch = [first]
+        wanted = min(previous, self.max_batch)
+        deadline = time.monotonic() + min(GATHER_SHARE * previous_seconds, MAX_GATHER_SECONDS)
+        while len(batch) < self.max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                item = self._requests.get(timeout=remaining) if len(batch) < wanted and remaining > 0 \
+                    else self._requests.get_nowait()
+            except queue.Empty:
+                if len(batch) >= wanted or time.monotonic() >= deadline:
+                    break
+                continue
+            if item is None:
+                self._requests.put(None)
+                break
+            batch.append(item)
+        return batch
+
     def _infer_loop(self) -> None:
+        previous, previous_seconds = 1, 0.0
         while True:
             first = self._requests.get()
             if first is None:
                 return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._requests.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._requests.put(None)
-                    break
-                batch.append(item)
-            head = self._head
-            assert head is not None
-            groups: dict[tuple[int, bool], tuple[LoadedVersion, list[_Request]]] = {}
-            for request in batch:  # the head as it is now, for every request not pinned to a version
-                loaded = request.pinned or head
-                groups.setdefault((loaded.number, request.edited), (loaded, []))[1].append(request)
-            for (_number, edited), (loaded, requests) in groups.items():
-                self._answer(loaded, requests, edited)
+            batch = self._gather(first, previous, previous_seconds)
+            started = time.monotonic()
+            self._run_batch(batch)
+            previous, previous_seconds = len(batch), time.monotonic() - started
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        head = self._head  # as it is now, for every request not pinned to a version
+        assert head is not None
+        groups: dict[tuple[int, bool], tuple[LoadedVersion, list[_Request]]] = {}
+        for request in batch:
+            loaded = request.pinned or head
+            groups.setdefault((loaded.number, request.edited), (loaded, []))[1].append(request)
+        for (_number, edited), (loaded, requests) in groups.items():
+            self._answer(loaded, requests, edited)
 
     def _answer(self, loaded: LoadedVersion, requests: list[_Request], edited: bool) -> None:
         assert self.runtime is not None
@@ -224,6 +250,7 @@ class ModelHost:
             return
         self.batches += 1
         self.answered += len(requests)
+        self.batch_sizes[len(requests)] += 1
         for request, answer in zip(requests, answers, strict=True):
             radius = float(codebook.radii[loaded.positions[answer.fact_id]]) if answer.fact_id else None
             request.future.set_result(Reply(answer.text, loaded.number, answer.fact_id, answer.distance, radius))

@@ -6,13 +6,14 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 if TYPE_CHECKING:
     from kb_daemon.server.hosting import ModelHost
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class _HostCollector:
@@ -45,8 +46,15 @@ class _HostCollector:
                 value = getattr(state, field)
                 if value is not None:
                     family.add_metric([name], float(value))
+        sizes = HistogramMetricFamily("kb_batch_size", "Requests answered per generate() call", labels=["model"])
+        for name, host in self.hosts.items():
+            counts = dict(host.batch_sizes)
+            buckets = [(str(bound), float(sum(n for size, n in counts.items() if size <= bound)))
+                       for bound in BATCH_BUCKETS] + [("+Inf", float(sum(counts.values())))]
+            sizes.add_metric([name], buckets, float(sum(size * n for size, n in counts.items())))
         yield from gauges.values()
         yield from counters.values()
+        yield sizes
 
 
 class ServerMetrics:
