@@ -41,12 +41,14 @@ def console(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("console") / "home", model="demo")
     d.kbctl("init")
     tokens = {role: make_token(d, f"{role}-ui", role) for role in ("reader", "editor", "admin")}
-    d.start_worker("up")
-    server = Server(d, "--model", "demo").start()
+    server = Server(d, "--model", "demo")
     try:
+        d.start_worker("up")
+        server.start()
         yield d, server, tokens
     finally:
-        server.stop()
+        if server.process is not None:
+            server.stop()
         d.stop_workers()
 
 

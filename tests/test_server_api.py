@@ -33,9 +33,13 @@ def served(tmp_path_factory, tiny_assets):
     d = registered_daemon(home, None, tiny_assets / "tiny", *FAST)
     refused = d.kbctl_process("serve", "--host", "0.0.0.0", "--port", "1")
     tokens = {role: make_token(d, f"{role}-bot", role) for role in ("reader", "editor", "admin")}
-    server = Server(d, "--model", "tiny", "--max-body-mb", "1").start()
-    yield d, server, tokens, refused
-    server.stop()
+    server = Server(d, "--model", "tiny", "--max-body-mb", "1")
+    try:
+        server.start()
+        yield d, server, tokens, refused
+    finally:
+        if server.process is not None:
+            server.stop()
 
 
 def test_no_token_means_no_listening_beyond_loopback(served):

@@ -26,15 +26,17 @@ def live(request, tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp(f"live-{request.param}") / "home", url, model="demo")
     d.kbctl("init")
     tokens = {role: make_token(d, f"{role}-{request.param}", role) for role in ("reader", "editor", "admin")}
-    d.start_worker("up")
-    poll = ("--poll-seconds", "30") if url else ()
-    server = Server(d, "--model", "demo", *poll).start()
     shapes = easy_vqa_examples()
     images = {name: shapes[name][0].read_bytes() for name in ("rectangle", "circle", "triangle")}
+    poll = ("--poll-seconds", "30") if url else ()
+    server = Server(d, "--model", "demo", *poll)
     try:
+        d.start_worker("up")
+        server.start()
         yield d, server, tokens, images, request.param
     finally:
-        server.stop()
+        if server.process is not None:
+            server.stop()
         d.stop_workers()
 
 
