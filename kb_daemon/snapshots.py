@@ -101,14 +101,8 @@ def entries_and_radii_at(session: Session, model: Model, number: int) -> list[tu
     """The entries of version `number` in codebook order, each with its effective radius there
     (None for spans recorded before radii were stored)."""
     rows = session.execute(
-        select(Entry, EntrySpan.radius)
-        .join(EntrySpan, EntrySpan.entry_id == Entry.id)
-        .where(
-            EntrySpan.model_id == model.id,
-            EntrySpan.from_version <= number,
-            or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number),
-        )
-        .order_by(Entry.id)
+        select(Entry, EntrySpan.radius).join(EntrySpan, EntrySpan.entry_id == Entry.id)
+        .where(*spans_at(model.id, number)).order_by(Entry.id)
     ).all()
     return [(entry, radius) for entry, radius in rows]
 
@@ -117,16 +111,16 @@ def radii_by_fact_at(session: Session, model: Model, number: int) -> dict[str, f
     """Fact id -> effective radius of each entry of version `number` (None for spans recorded before
     radii were stored), read as plain columns: no entity objects, no blob."""
     rows = session.execute(
-        select(Entry.fact_id, EntrySpan.radius)
-        .join(EntrySpan, EntrySpan.entry_id == Entry.id)
-        .where(
-            EntrySpan.model_id == model.id,
-            EntrySpan.from_version <= number,
-            or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number),
-        )
-        .order_by(Entry.id)
+        select(Entry.fact_id, EntrySpan.radius).join(EntrySpan, EntrySpan.entry_id == Entry.id)
+        .where(*spans_at(model.id, number)).order_by(Entry.id)
     )
     return {fact_id: radius for fact_id, radius in rows}
+
+
+def spans_at(model_id: int, number: int) -> tuple[Any, ...]:
+    """The conditions that select the spans of `model_id`'s version `number`."""
+    return (EntrySpan.model_id == model_id, EntrySpan.from_version <= number,
+            or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number))
 
 
 def content_hash(entries: Sequence[Entry]) -> str:

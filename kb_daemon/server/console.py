@@ -323,15 +323,20 @@ def console_router(server: Server) -> APIRouter:
         return RedirectResponse(f"/ui/models/{quote(name)}/jobs/{queued.job_id}", status_code=303)
 
     # ----- guarded actions --------------------------------------------------------------------
+    async def confirm(request: Request, name: str, action: str, target: int, post: str,
+                      fields: dict[str, Any]) -> HTMLResponse:
+        """The confirmation of making version `target`'s content the head: what leaves, what comes back."""
+        who = viewer(request)
+        require(who.identity, Role.ADMIN, "rolling back" if action == "rollback" else "promoting")
+        head, _ = await call(service.history, name, 1)
+        diff = await call(service.diff, name, head, target)
+        return page(request, "confirm.html", who, name=name, action=action, target=target, head=head,
+                    leave=diff.removed, back=diff.added, post=post, fields=fields)
+
     @router.get("/models/{name}/rollback")
     async def rollback_confirm(request: Request, name: str, version: int) -> HTMLResponse:
-        who = viewer(request)
-        require(who.identity, Role.ADMIN, "rolling back")
-        head, _ = await call(service.history, name, 1)
-        diff = await call(service.diff, name, head, version)
-        return page(request, "confirm.html", who, name=name, action="rollback", target=version, head=head,
-                    leave=diff.removed, back=diff.added, post=f"/ui/models/{quote(name)}/rollback",
-                    fields={"version": version})
+        return await confirm(request, name, "rollback", version, f"/ui/models/{quote(name)}/rollback",
+                             {"version": version})
 
     @router.post("/models/{name}/rollback")
     async def rollback(request: Request, name: str) -> Response:
@@ -363,13 +368,8 @@ def console_router(server: Server) -> APIRouter:
 
     @router.get("/models/{name}/versions/{number}/promote")
     async def promote_confirm(request: Request, name: str, number: int) -> HTMLResponse:
-        who = viewer(request)
-        require(who.identity, Role.ADMIN, "promoting")
-        head, _ = await call(service.history, name, 1)
-        diff = await call(service.diff, name, head, number)
-        return page(request, "confirm.html", who, name=name, action="promote", target=number, head=head,
-                    leave=diff.removed, back=diff.added, post=f"/ui/models/{quote(name)}/versions/{number}/promote",
-                    fields={})
+        return await confirm(request, name, "promote", number,
+                             f"/ui/models/{quote(name)}/versions/{number}/promote", {})
 
     @router.post("/models/{name}/versions/{number}/promote")
     async def promote(request: Request, name: str, number: int) -> Response:
