@@ -168,11 +168,11 @@ def console_router(server: Server) -> APIRouter:
             response = page(request, "login.html", None, 401, csrf=csrf, error="unknown or revoked token")
             response.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="strict", max_age=600, path="/ui")
             return response
-        response = RedirectResponse("/ui/", status_code=303)
-        response.set_cookie(COOKIE, sessions.issue(digest(token)), httponly=True, samesite="strict",
-                            max_age=SESSION_SECONDS, path="/ui", secure=request.url.scheme == "https")
-        response.delete_cookie(LOGIN_COOKIE, path="/ui")
-        return response
+        done = RedirectResponse("/ui/", status_code=303)
+        done.set_cookie(COOKIE, sessions.issue(digest(token)), httponly=True, samesite="strict",
+                        max_age=SESSION_SECONDS, path="/ui", secure=request.url.scheme == "https")
+        done.delete_cookie(LOGIN_COOKIE, path="/ui")
+        return done
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:

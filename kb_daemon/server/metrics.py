@@ -23,7 +23,7 @@ class _HostCollector:
         self.hosts = hosts
 
     def collect(self) -> Iterable[Metric]:
-        gauges = {
+        gauges: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "loaded_version": GaugeMetricFamily("kb_loaded_version", "Version the server answers from",
                                                 labels=["model"]),
             "head_version": GaugeMetricFamily("kb_head_version", "Head version last read from the database",
@@ -34,7 +34,7 @@ class _HostCollector:
             "queue_depth": GaugeMetricFamily("kb_queue_depth", "Queued and running jobs", labels=["model"]),
             "database_ok": GaugeMetricFamily("kb_database_up", "1 when the last head read succeeded", labels=["model"]),
         }
-        counters = {
+        counters: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "swaps": CounterMetricFamily("kb_version_swaps", "Head versions swapped in since start", labels=["model"]),
             "batches": CounterMetricFamily("kb_batches", "generate() calls answering requests", labels=["model"]),
             "answered": CounterMetricFamily("kb_batched_requests", "Requests answered by those calls",
