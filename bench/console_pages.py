@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from machine import machine_facts  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 
 
 def seed(db, count: int) -> tuple[str, str]:
@@ -79,7 +80,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "console_pages.json"))
+    parser.add_argument("--quick", action="store_true", help="300 versions, 2 repeats (seconds; for tests)")
     args = parser.parse_args()
+    if args.quick:
+        args.count, args.repeat = 300, 2
 
     from fastapi.testclient import TestClient
 
@@ -129,7 +133,8 @@ def main() -> None:
             results[label] = {"path": path, "median_ms": round(statistics.median(times), 1),
                               "max_ms": round(max(times), 1)}
             print(f"{label:40s} median {results[label]['median_ms']:7.1f} ms  max {results[label]['max_ms']:7.1f} ms")
-    report = {"versions": n, "facts": n, "repeat": args.repeat, "database": "sqlite" if not args.database_url
+    report = {"benchmark": "console_pages", "quick": args.quick, "machine": machine_facts(),
+              "versions": n, "facts": n, "repeat": args.repeat, "database": "sqlite" if not args.database_url
               else "postgresql", "seed_seconds": round(seeded, 1), "pages": results,
               "target_ms": 100, "all_within_target": all(r["median_ms"] <= 100 for r in results.values())}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

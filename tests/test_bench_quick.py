@@ -28,6 +28,7 @@ CASES = {
     "bench/edit_timing.py": {"keys": {"benchmark", "models", "machine", "quick"}, "markdown": False},
     "bench/serve_throughput.py": {"keys": {"benchmark", "in_process", "server", "targets", "machine"},
                                   "markdown": False},
+    "bench/console_pages.py": {"keys": {"benchmark", "pages", "versions", "machine"}, "markdown": False},
 }
 
 
