@@ -100,6 +100,10 @@ def main() -> None:
     parser.add_argument("--build-threads", type=int, default=0, help="index build threads (0: every core)")
     parser.add_argument("--expansion-add", type=int, default=None,
                         help="HNSW candidate list while inserting (default: IndexSettings' own)")
+    parser.add_argument("--expansion-search", type=int, default=None,
+                        help="HNSW candidate list while searching (default: IndexSettings' own)")
+    parser.add_argument("--connectivity", type=int, default=None,
+                        help="HNSW edges per node (default: IndexSettings' own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="0/1000/5000 entries, demo model, 2 repeats")
     parser.add_argument("--out", type=Path, default=Path("bench/results/lookup_index.json"))
@@ -136,8 +140,9 @@ def main() -> None:
         report["key_generation_seconds"] = round(time.perf_counter() - tick, 1)
         values = torch.randn(NEW_TOKENS, spec.output_size, generator=generator) * 0.1  # (L, Dout)
         settings = IndexSettings(threshold=0, build_threads=args.build_threads)
-        if args.expansion_add is not None:
-            settings = dataclasses.replace(settings, expansion_add=args.expansion_add)
+        for name in ("expansion_add", "expansion_search", "connectivity"):
+            if getattr(args, name) is not None:
+                settings = dataclasses.replace(settings, **{name: getattr(args, name)})
         report["index_settings"] = dataclasses.asdict(settings)
 
         books: dict[tuple[str, int], Any] = {}
