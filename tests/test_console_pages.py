@@ -147,3 +147,31 @@ def test_eval_reports_are_charted(console):
     assert page.count("<svg") == 4  # Acc, T-Gen, Loc, HM: I-Gen has no points
     assert 'aria-label="T-Gen, from 0 to 88 %"' in page
     assert "notes.json" in page and "not a kbctl eval report" in page
+
+
+def test_a_held_batch_shows_its_canaries_and_can_be_promoted(console):
+    import sqlalchemy as sa
+
+    from kb_daemon.models import Version
+
+    d, client, tokens, _evil, _app = console
+    engine = sa.create_engine(d.env["KB_DATABASE_URL"])
+    with sa.orm.Session(engine) as session:
+        model_id = session.execute(sa.text("SELECT id FROM models WHERE name = 'tiny'")).scalar_one()
+        number = session.execute(sa.text("SELECT MAX(number) FROM versions WHERE model_id = :m"),
+                                 {"m": model_id}).scalar_one() + 1
+        canaries = {"total": 2, "changed": 1,
+                    "broken": [{"image": "canary/red.png", "question": Q, "before": "square", "after": "box"}]}
+        session.add(Version(model_id=model_id, number=number, parent=0, kind="batch", held=True,
+                            summary={"added": [], "removed": [], "canaries": canaries}, content_sha256="0" * 64,
+                            num_entries=0, actor="nightly", source="test"))
+        session.commit()
+    engine.dispose()
+    log_in(client, tokens["admin"])
+    assert f"v{number} (held)" in client.get("/ui/").text
+    page = client.get(f"/ui/models/tiny/versions/{number}").text
+    assert "Canary inputs whose answers change (1 of 2)" in page
+    assert "<td>square</td><td>box</td>" in page
+    assert f"Promote v{number}" in page
+    log_in(client, tokens["editor"])
+    assert "Promote v" not in client.get(f"/ui/models/tiny/versions/{number}").text
