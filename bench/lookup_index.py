@@ -90,6 +90,50 @@ def recall(book: Any, count: int, generator: Any) -> dict[str, Any]:
     }
 
 
+def demo_recall(count: int, test_count: int, settings: Any, seed: int) -> dict[str, Any]:
+    """Recall on the demo model's real keys: `count` easy-VQA training prompts as entries, each with
+    a radius of 0.3 to 1.2 times the distance to its nearest other key (so balls of different
+    answers may overlap, which the overlap rule would forbid: a harder case than a real codebook),
+    queried by `test_count` test-set prompts (new images and questions) and by perturbed keys."""
+    import easy_vqa
+    import torch
+
+    import editor
+    from editor.radius import pairwise_distances
+
+    backbone = editor.load_backbone("demo")
+
+    def keys_of(questions: Any, paths: Any, number: int) -> Any:
+        with editor.Editor(backbone) as ed:
+            blocks = [ed.keys([backbone.query(paths[questions[2][i]], questions[0][i])
+                               for i in range(start, min(number, start + 64))]) for start in range(0, number, 64)]
+            return ed.spec, torch.cat(blocks)  # (number, Din)
+
+    spec, keys = keys_of(easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths(), count)
+    _, test_keys = keys_of(easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), test_count)
+    generator = torch.Generator().manual_seed(seed)
+    nearest = torch.empty(count)
+    for start in range(0, count, 2048):
+        block = pairwise_distances(keys[start : start + 2048], keys, spec.distance)  # (R, N)
+        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = float("inf")
+        nearest[start : start + 2048] = block.min(dim=1).values
+    radii = nearest.clamp_min(1e-4) * (0.3 + 0.9 * torch.rand(count, generator=generator))  # (N,)
+    book = synthetic_codebook(spec, {}, keys.contiguous(), radii, torch.zeros(2, spec.output_size))
+    book.configure_index(settings)
+    tick = time.perf_counter()
+    book.build_index()
+    build = time.perf_counter() - tick
+    exact, _ = book.exact_lookup(test_keys)
+    fired, _ = book.indexed_lookup(test_keys)
+    inside = exact >= 0
+    return {"entries": count, "input_size": spec.input_size, "distance": spec.distance,
+            "build_seconds": round(build, 1),
+            "test_prompts": {"queries": test_count, "inside_some_ball": int(inside.sum()),
+                             "same_entry": int((fired[inside] == exact[inside]).sum()),
+                             "index_fired_outside_exact": int(((fired >= 0) & ~inside).sum())},
+            "perturbed_keys": recall(book, 2000, generator)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0,10000,100000,1000000")
@@ -105,6 +149,8 @@ def main() -> None:
     parser.add_argument("--connectivity", type=int, default=None,
                         help="HNSW edges per node (default: IndexSettings' own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo-recall", type=int, default=0,
+                        help="only measure recall on this many of the demo model's real keys (writes --out)")
     parser.add_argument("--quick", action="store_true", help="0/1000/5000 entries, demo model, 2 repeats")
     parser.add_argument("--out", type=Path, default=Path("bench/results/lookup_index.json"))
     parser.add_argument("--raw", type=Path, default=Path("bench/out/lookup_index_raw.json"))
@@ -121,6 +167,14 @@ def main() -> None:
     from kb_daemon.demo import QUESTION
 
     torch.set_num_threads(args.threads)
+    if args.demo_recall:
+        demo = demo_recall(args.demo_recall, 3000, IndexSettings(threshold=0, build_threads=args.build_threads),
+                           args.seed)
+        report = {"benchmark": "lookup_index_demo_recall", **demo, "machine": machine_facts()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     generator = torch.Generator().manual_seed(args.seed)
