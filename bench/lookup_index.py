@@ -181,8 +181,8 @@ def main() -> None:
     backbone = load_model(model_name)
     paths = get_train_image_paths()
     images = [paths[i] for i in sorted(paths)[: max(batches)]]
-    report: dict[str, Any] = {"benchmark": "lookup_index", "model": model_name, "new_tokens": NEW_TOKENS,
-                              "sizes": sizes, "batches": batches, "repeats": args.repeats}
+    report: dict[str, Any] = {"benchmark": "lookup_index", "quick": args.quick, "model": model_name,
+                              "new_tokens": NEW_TOKENS, "sizes": sizes, "batches": batches, "repeats": args.repeats}
     raw: dict[str, Any] = {}
     with editor.Editor(backbone) as ed:
         spec = ed.spec

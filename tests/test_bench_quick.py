@@ -29,6 +29,7 @@ CASES = {
     "bench/serve_throughput.py": {"keys": {"benchmark", "in_process", "server", "targets", "machine"},
                                   "markdown": False},
     "bench/console_pages.py": {"keys": {"benchmark", "pages", "versions", "machine"}, "markdown": False},
+    "bench/lookup_index.py": {"keys": {"benchmark", "machine"}, "markdown": False},
 }
 
 
