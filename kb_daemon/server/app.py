@@ -68,6 +68,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (KbError, 400, "invalid_request"),
 ]
 ANSWER_TIMEOUT_SECONDS = 120.0
+INLINE_IMAGE_BYTES = 64 * 1024
 MAX_WAIT_SECONDS = 60.0
 
 
@@ -283,8 +284,18 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
                      question: str) -> Reply:
         request.state.kb_model = name
         host = server.host(name)
-        picture = await call(open_image, image, "image", settings) if image is not None else None
-        future = await call(host.submit, picture, question, version)
+        # Small images are decoded on the event loop (a 64x64 PNG takes well under a millisecond);
+        # large ones, and a pinned version that may have to be loaded, go to the thread pool.
+        if image is None:
+            picture = None
+        elif len(image) <= INLINE_IMAGE_BYTES:
+            picture = open_image(image, "image", settings)
+        else:
+            picture = await call(open_image, image, "image", settings)
+        if version is None or host.is_loaded(version):
+            future = host.submit(picture, question, version)
+        else:
+            future = await call(host.submit, picture, question, version)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), ANSWER_TIMEOUT_SECONDS)
         except asyncio.TimeoutError as exc:

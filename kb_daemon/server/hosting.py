@@ -163,6 +163,14 @@ class ModelHost:
         self._requests.put(request)
         return request.future
 
+    def is_loaded(self, number: int) -> bool:
+        """Whether version `number` is the head or a cached pinned version (no load needed)."""
+        head = self._head
+        if head is not None and head.number == number:
+            return True
+        with self._pinned_lock:
+            return number in self._pinned
+
     def pinned(self, number: int) -> LoadedVersion:
         """Version `number`, loaded on first use and kept among the `cached_versions` last used.
         One pinned load at a time; the head keeps following meanwhile."""
