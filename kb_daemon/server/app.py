@@ -140,6 +140,36 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class Measured:
+    """Count and time each request by route template and model (a plain ASGI wrapper: Starlette's
+    `@app.middleware("http")` streams every response through an extra task)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics, models: dict[str, Any]) -> None:
+        self.app, self.metrics, self.models = app, metrics, models
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def sent(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            model = str(scope.get("path_params", {}).get("name") or scope.get("state", {}).get("kb_model", ""))
+            self.metrics.observe(path, model if model in self.models or not model else "other", status,
+                                 time.perf_counter() - start)
+
+
 class Server:
     """What the routes share: settings, the service, the hosts, the token check, the metrics."""
 
@@ -232,17 +262,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         page = console_error(request, StarletteHTTPException(exc.status_code, message), exc.status_code)
         return page or JSONResponse(error_body(kind, message), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        model = str(request.path_params.get("name") or getattr(request.state, "kb_model", ""))
-        server.metrics.observe(path, model if model in server.hosts or not model else "other", response.status_code,
-                               time.perf_counter() - start)
-        return response
-
+    app.add_middleware(Measured, metrics=server.metrics, models=server.hosts)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # type: ignore[arg-type]
     # The console: its pages need a session (from a token); its login form and stylesheet cannot.
     app.include_router(console_router(server))
