@@ -1011,7 +1011,7 @@ def serve(state: State, host: str, port: int, models: tuple[str, ...], max_batch
     Loads each model once, then answers OpenAI-compatible chat requests (`POST
     /v1/chat/completions`, model "NAME" or "NAME@V" for a pinned version) and offers the admin API
     (facts, retract, rollback, promote, ingest, export, jobs, versions). When a worker commits a
-    new version the server swaps it in within a second, without a restart. Every route but
+    new version the server swaps it in within 2 s, without a restart. Every route but
     /healthz needs `Authorization: Bearer TOKEN` (`kbctl token create`); the token's name is the
     actor recorded for what it changes. Several servers may share one PostgreSQL database behind
     a load balancer: each follows the head by itself.
