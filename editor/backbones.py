@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,9 @@ def load_text_side(path: str | os.PathLike[str]) -> TextSide:
         answer_prefix=prefix if prefix is not None else family.answer_prefix,
         eos_token_id=end_of_sequence_id(tokenizer, generation),
     )
+
+
+ScoresProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -457,13 +460,19 @@ class Backbone:
             inputs["position_ids"] = positions.to(device)
         return inputs
 
-    def generate_ids(self, batch: Batch, max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of each prompt (call inside an adapter scope when edited)."""
+    def generate_ids(self, batch: Batch, max_new_tokens: int,
+                     logits_processor: ScoresProcessor | None = None) -> list[list[int]]:
+        """Greedy continuation of each prompt (call inside an adapter scope when edited);
+        `logits_processor(ids so far (B, T), scores (B, V))` may change the scores of every step
+        before the greedy choice."""
+        from transformers import LogitsProcessorList
+
         inputs = self.model_inputs(batch)
         inputs.pop("position_ids", None)  # generate derives them from the attention mask
+        extra = {"logits_processor": LogitsProcessorList([logits_processor])} if logits_processor else {}
         output = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True, **extra,
         )
         new_tokens = output[:, batch.input_ids.shape[1]:].tolist()
         result = []

@@ -56,6 +56,10 @@ class Entry:
     key: torch.Tensor  # (Din,)
     values: torch.Tensor  # (L, Dout): step 0 replaces the prompt's last token, step j answer token j-1
     base_radius: float  # the radius chosen when the entry was added
+    # (L,) int64: the token each value step was trained to produce (the answer's tokens, then the
+    # end of sequence); None when unknown (an entry stored before tokens were kept), in which case
+    # generation cannot hold the entry to its whole answer (see editor.commit).
+    answer_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +128,15 @@ class Codebook:
     def fact_id(self, index: int) -> str:
         return self._records[index].fact_id
 
+    def entry_answer(self, index: int) -> str:
+        """Entry `index`'s answer, normalised."""
+        return self._records[index].answer
+
     def entry(self, index: int) -> Entry:
         """Entry `index`; its key and values are views of the codebook's stores."""
         r = self._records[index]
         return Entry(r.fact_id, r.answer, r.input_id, self.keys[index].detach(), self.values_of(index),
-                     r.base_radius)
+                     r.base_radius, self.answer_ids_of(index))
 
     @property
     def entries(self) -> list[Entry]:
@@ -139,6 +147,12 @@ class Codebook:
         """Entry `index`'s values (L, Dout), a view of the value store."""
         r = self._records[index]
         return self._value_store[r.row : r.row + r.length].detach()
+
+    def answer_ids_of(self, index: int) -> torch.Tensor | None:
+        """The tokens entry `index`'s values were trained to produce (L,), or None when unknown."""
+        r = self._records[index]
+        ids = self._token_store[r.row : r.row + r.length]
+        return None if bool((ids < 0).any()) else ids
 
     @classmethod
     def with_radii(
@@ -160,11 +174,13 @@ class Codebook:
     @classmethod
     def from_stores(cls, spec: CodebookSpec, hparams: dict[str, Any], ids: Sequence[tuple[str, str, str]],
                     keys: torch.Tensor, values: torch.Tensor, rows: Sequence[tuple[int, int]],
-                    base_radii: Sequence[float], radii: torch.Tensor) -> Codebook:
+                    base_radii: Sequence[float], radii: torch.Tensor,
+                    answer_ids: torch.Tensor | None = None) -> Codebook:
         """A codebook over tensors it does not copy: entry i is ids[i] = (fact id, answer, input
         id), key keys[i], values values[row : row + length] for rows[i] = (row, length), and
         radii[i] its effective radius, which the caller vouches for (bench/inference_overhead
-        builds 100k-entry codebooks whose entries share one run of value rows)."""
+        builds 100k-entry codebooks whose entries share one run of value rows). `answer_ids`, one
+        token per value row, default to unknown (-1)."""
         if not (len(ids) == len(rows) == len(base_radii) == keys.shape[0] == radii.shape[0]):
             raise IncompatibleCodebookError("entry counts differ between the arguments")
         book = cls(spec, hparams)
@@ -173,6 +189,8 @@ class Codebook:
             for (fact_id, answer, input_id), (row, length), base in zip(ids, rows, base_radii, strict=True)
         ]
         book._key_store, book._value_store = keys, values
+        book._token_store = (answer_ids if answer_ids is not None
+                             else torch.full((values.shape[0],), -1, dtype=torch.int64))
         book._value_rows = max((row + length for row, length in rows), default=0)
         book.keys, book.radii = keys, radii.to(torch.float32)
         book._index_answers()
@@ -184,7 +202,8 @@ class Codebook:
         touched: list[int] = []
         if entries:
             self._adopt(entries, torch.stack([e.key for e in entries]),  # (N, Din)
-                        torch.cat([e.values for e in entries]))  # (sum L, Dout)
+                        torch.cat([e.values for e in entries]),  # (sum L, Dout)
+                        torch.cat([_token_row(e) for e in entries]))  # (sum L,)
             if radii is not None:
                 self.radii = radii
             else:
@@ -196,7 +215,8 @@ class Codebook:
                 touched = sorted(set(split.cut_by[last])
                                  | {j for j, cuts in enumerate(split.cut_by[:last]) if cuts and cuts[-1] == last})
         else:
-            self._adopt([], torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size))
+            self._adopt([], torch.zeros(0, self.spec.input_size), torch.zeros(0, self.spec.output_size),
+                        torch.zeros(0, dtype=torch.int64))
             self.radii = torch.zeros(0)
         self._index_answers()
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -206,11 +226,13 @@ class Codebook:
         self._code_of = {}
         self._codes = array("i", (self._code_of.setdefault(r.answer, len(self._code_of)) for r in self._records))
 
-    def _adopt(self, entries: list[Entry], key_store: torch.Tensor, value_store: torch.Tensor) -> None:
-        """Make the two stores, which hold `entries`' tensors in order, the codebook's storage.
+    def _adopt(self, entries: list[Entry], key_store: torch.Tensor, value_store: torch.Tensor,
+               token_store: torch.Tensor) -> None:
+        """Make the stores, which hold `entries`' tensors in order, the codebook's storage.
 
         key_store (capacity >= N, Din) holds key i in row i; value_store (capacity >= sum L, Dout)
-        holds the entries' values one after another. The entries' own tensors are not kept.
+        holds the entries' values one after another, and token_store (the same rows) the token
+        each value row produces. The entries' own tensors are not kept.
         """
         records, row = [], 0
         for e in entries:
@@ -219,11 +241,12 @@ class Codebook:
             row += length
         self._records = records
         self._key_store, self._value_store, self._value_rows = key_store, value_store, row
+        self._token_store = token_store
         self.keys = key_store[: len(records)]  # (N, Din)
 
-    def _append(self, key: torch.Tensor, values: torch.Tensor) -> int:
-        """Copy key (Din,) and values (L, Dout) into the stores after the last entry, growing a
-        store that is full; return the first value row."""
+    def _append(self, key: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor) -> int:
+        """Copy key (Din,), values (L, Dout) and their tokens (L,) into the stores after the last
+        entry, growing a store that is full; return the first value row."""
         n, row, length = len(self._records), self._value_rows, int(values.shape[0])
         if n + 1 > self._key_store.shape[0] or row + length > self._value_store.shape[0]:
             # Grow by a quarter (at least 16 entries' worth): at most 20% of a store is spare, and
@@ -234,9 +257,12 @@ class Codebook:
             values_store = self._value_store.new_empty(max(row + 16 * length, row + row // 4 + length),
                                                        self.spec.output_size)
             values_store[:row] = self._value_store[:row]
-            self._key_store, self._value_store = keys, values_store
+            token_store = self._token_store.new_empty(values_store.shape[0])
+            token_store[:row] = self._token_store[:row]
+            self._key_store, self._value_store, self._token_store = keys, values_store, token_store
         self._key_store[n] = key
         self._value_store[row : row + length] = values
+        self._token_store[row : row + length] = tokens
         self._value_rows = row + length
         self.keys = self._key_store[: n + 1]  # (N + 1, Din)
         return row
@@ -251,6 +277,7 @@ class Codebook:
         if self._key_store.shape[0] == n and self._value_store.shape[0] == rows:
             return
         self._key_store, self._value_store = self._key_store[:n].clone(), self._value_store[:rows].clone()
+        self._token_store = self._token_store[:rows].clone()
         self.keys = self._key_store
         self._device_cache = {}  # it may hold a view of the old key store
 
@@ -282,17 +309,18 @@ class Codebook:
         # are often a row or slice of a larger batch tensor, whose storage must not stay alive.
         key = entry.key.detach().float().cpu()  # (Din,)
         values = entry.values.detach().float().cpu()  # (L, Dout)
+        tokens = _token_row(entry)  # (L,)
         if superseded:
             remaining = [e for e in self.entries if e.input_id != entry.input_id]
             key_index, self._index = self._index, None
             touched = self._refresh(
-                [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius)])
+                [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius, tokens)])
             if key_index is not None:
                 key_index.remove_rows(superseded_rows)
                 key_index.append(key)
                 self._index = key_index
         else:  # the common case: only the new entry's arrival needs the overlap rule
-            row = self._append(key, values)
+            row = self._append(key, values, tokens)
             self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, row,
                                          int(values.shape[0])))
             self._codes.append(self._code_of.setdefault(entry.answer, len(self._code_of)))
@@ -436,11 +464,13 @@ class Codebook:
         return self._device_cache[device]
 
     def memory_bytes(self) -> dict[str, int]:
-        """What the codebook holds, in bytes: `tensors`, its keys, value rows and radii (not the
+        """What the codebook holds, in bytes: `tensors`, its keys, value rows, their tokens and radii (not the
         stores' spare capacity), and `records`, the Python objects it keeps per entry (records,
         their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them, and
         `index`, the nearest-neighbour index when one is built (0 otherwise)."""
-        tensors = self.keys.nbytes + self._value_store[: self._value_rows].nbytes + self.radii.nbytes
+        rows = self._value_rows
+        tensors = (self.keys.nbytes + self._value_store[:rows].nbytes + self._token_store[:rows].nbytes
+                   + self.radii.nbytes)
         seen: set[int] = set()
         pending: list[Any] = [self._records, self._codes, self._code_of]
         records = 0
@@ -475,6 +505,7 @@ class Codebook:
             "values": torch.cat([self.values_of(i) for i in range(n)]) if n else torch.zeros(0, self.spec.output_size),
             "value_lengths": torch.tensor([r.length for r in self._records], dtype=torch.int64),
             "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
+            "answer_ids": self._token_store[: self._value_rows].clone() if n else torch.zeros(0, dtype=torch.int64),
         }
         header = {
             "spec": {
@@ -501,18 +532,38 @@ class Codebook:
         if not (len(records) == len(lengths) == tensors["keys"].shape[0] == tensors["base_radii"].shape[0]):
             raise IncompatibleCodebookError("codebook is inconsistent: entry counts differ between fields")
         values = torch.split(tensors["values"], lengths) if records else []
-        # No clones: the constructor copies keys and values into its own stores.
+        tokens = tensors.get("answer_ids")
+        if tokens is not None and tokens.shape != (tensors["values"].shape[0],):
+            raise IncompatibleCodebookError("codebook is inconsistent: answer_ids do not match the value rows")
+        token_rows = torch.split(tokens, lengths) if records and tokens is not None else [None] * len(records)
+        # No clones: the constructor copies keys, values and tokens into its own stores.
         entries = [
             Entry(r["fact_id"], r["answer"], r["input_id"], tensors["keys"][i],
-                  values[i], float(tensors["base_radii"][i]))
+                  values[i], float(tensors["base_radii"][i]), token_rows[i])
             for i, r in enumerate(records)
         ]
         return cls(spec, header.get("hparams", {}), entries)
 
 
+def _token_row(entry: Entry) -> torch.Tensor:
+    """The entry's answer tokens as the token store holds them: (L,) int64, -1 when unknown."""
+    length = int(entry.values.shape[0])
+    if entry.answer_ids is None:
+        return torch.full((length,), -1, dtype=torch.int64)
+    ids = entry.answer_ids.detach().to(device="cpu", dtype=torch.int64).reshape(-1)
+    if ids.shape[0] != length:
+        raise IncompatibleCodebookError(
+            f"entry of fact {entry.fact_id!r} has {ids.shape[0]} answer tokens for {length} value steps")
+    return ids
+
+
 def entry_tensors_to_bytes(entry: Entry) -> bytes:
-    """An entry's key and values as safetensors bytes (the daemon stores each entry once)."""
-    return save_tensors({"key": entry.key, "values": entry.values})
+    """An entry's key, values and answer tokens as safetensors bytes (the daemon stores each
+    entry once)."""
+    tensors = {"key": entry.key, "values": entry.values}
+    if entry.answer_ids is not None:
+        tensors["answer_ids"] = _token_row(entry)
+    return save_tensors(tensors)
 
 
 def entry_from_bytes(
@@ -523,6 +574,9 @@ def entry_from_bytes(
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises several types for damaged input
         raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} are unreadable: {exc}") from exc
-    if set(tensors) != {"key", "values"}:
+    if set(tensors) not in ({"key", "values"}, {"key", "values", "answer_ids"}):
         raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} hold {sorted(tensors)}")
-    return Entry(fact_id, answer, input_id, tensors["key"], tensors["values"], base_radius)
+    entry = Entry(fact_id, answer, input_id, tensors["key"], tensors["values"], base_radius,
+                  tensors.get("answer_ids"))
+    _token_row(entry)  # checks the token count against the values
+    return entry

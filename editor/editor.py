@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
+from editor import commit
 from editor.adapter import CodebookAdapter, KeysCaptured, Mode, install, layer_sizes, uninstall
 from editor.backbones import Backbone, Batch, Query, image_bytes
 from editor.codebook import Codebook, CodebookSpec, Entry
 from editor.config import EditConfig
 from editor.errors import EditorError, IncompatibleCodebookError, InvalidFactError
-from editor.fact import EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
+from editor.fact import Conflict, EditReport, Fact, ImageInput, input_fingerprint, normalise_answer
 from editor.radius import choose_radius, pairwise_distances
 from editor.samples import Paraphraser, ReferenceItem, TemplateParaphraser, black_image, distinct_questions
 from editor.training import CapturedSuffix, Progress, TrainResult, capture, train_value
@@ -154,17 +155,18 @@ class Editor:
         return self._generate(queries, "lookup" if edited else "off")
 
     def _generate(self, queries: Sequence[Query], mode: Mode) -> list[Answer]:
+        """Greedy answers; edited, each is a fired entry's whole answer or the unedited one
+        (`editor.commit`)."""
         result: list[Answer] = []
         for start in range(0, len(queries), INFERENCE_BATCH):
             batch = self.backbone.encode(queries[start : start + INFERENCE_BATCH])
-            with torch.no_grad(), self.adapter.scope(batch.key_positions, mode=mode) as state:
-                ids = self.backbone.generate_ids(batch, self.config.max_new_tokens)
-            for row, tokens in enumerate(ids):
-                fired = int(state.fired[row])
+            made = commit.generate(self.backbone, self.adapter, batch, self.config.max_new_tokens, mode)
+            for row, tokens in enumerate(made.ids):
+                fired = int(made.fired[row])
                 result.append(Answer(
                     self.backbone.decode(tokens),
                     self.codebook.fact_id(fired) if fired >= 0 else None,
-                    float(state.fired_distance[row]) if fired >= 0 else None,
+                    float(made.distance[row]) if fired >= 0 else None,
                 ))
         return result
 
@@ -187,8 +189,14 @@ class Editor:
         return torch.cat(chunks)
 
     # ----- edits ----------------------------------------------------------------------------
-    def apply(self, fact: Fact, progress: Progress | None = None) -> EditReport:
+    def apply(self, fact: Fact, progress: Progress | None = None, *,
+              supersedes: Sequence[str] = ()) -> EditReport:
         """Add `fact` as a codebook entry: keys, radius, value, overlap rules. See the README.
+
+        `supersedes` names facts in the codebook that the new fact replaces: their entries are
+        removed when the new one is added, and the report lists them under `superseded` (with
+        any older entry for the same input). The report's `conflicts` name the remaining facts
+        the new entry collides with (`editor.fact.Conflict`).
 
         The phases, each timed in `EditReport.timings`: the training rows' capture pass (the
         fact's key, its positives' keys), the unedited answer, the negatives' keys (given and
@@ -201,6 +209,9 @@ class Editor:
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
+        missing = sorted(set(supersedes) - set(self.codebook.fact_ids))
+        if missing:
+            raise EditorError(f"cannot supersede {', '.join(missing)}: not in the codebook")
         query, input_id, fact_id, target_length = self._identify(fact)
         with _timed(timings, "prefix_forward"):
             sample = self._training_sample(fact, query, target_length)
@@ -217,8 +228,12 @@ class Editor:
             trained = self._train_values(sample, target_length, progress)
         with _timed(timings, "bookkeeping"):
             entry = Entry(fact_id, normalise_answer(fact.answer), input_id, sample.key, trained.values,
-                          radius)
+                          radius, torch.tensor(self.backbone.answer_ids(fact.answer)))
+            for old in supersedes:
+                self.codebook.remove(old)
+            prior, radii_before, ids_before = self._before_adding(entry)
             superseded, split = self.codebook.add(entry)
+            conflicts = self._conflicts(entry, [*prior, *split], radii_before, ids_before, set(prior))
         return EditReport(
             fact_id=fact_id,
             answer=fact.answer,
@@ -230,11 +245,42 @@ class Editor:
             steps=trained.steps,
             converged=trained.converged,
             seconds=time.perf_counter() - started,
-            superseded=tuple(superseded),
+            superseded=tuple(dict.fromkeys([*supersedes, *superseded])),
             split_with=tuple(split),
+            conflicts=tuple(conflicts),
             num_hard_negatives=hard_count,
             timings=timings,
         )
+
+    def _before_adding(self, entry: Entry) -> tuple[list[str], torch.Tensor, list[str]]:
+        """The fact whose entry fires at the new entry's key now, if it gives another answer (as a
+        list of 0 or 1 fact ids), and the radii and fact ids before the new entry arrives."""
+        fired, _ = self.codebook.lookup(entry.key[None])
+        index = int(fired[0])
+        prior = ([self.codebook.fact_id(index)]
+                 if index >= 0 and self.codebook.entry_answer(index) != entry.answer else [])
+        return prior, self.codebook.radii.clone(), self.codebook.fact_ids
+
+    def _conflicts(self, entry: Entry, fact_ids: Sequence[str], radii_before: torch.Tensor,
+                   ids_before: list[str], fired_before: set[str]) -> list[Conflict]:
+        """Each fact among `fact_ids` still in the codebook whose answer differs from the new
+        entry's, with its radius before and after and what its own input answers now."""
+        book = self.codebook
+        conflicts = []
+        for fact_id in dict.fromkeys(fact_ids):
+            if fact_id not in ids_before or fact_id not in book.fact_ids:
+                continue  # superseded by the new entry
+            index = book.index_of(fact_id)
+            if book.entry_answer(index) == entry.answer:
+                continue
+            now, _ = book.lookup(book.keys[index][None])
+            conflicts.append(Conflict(
+                fact_id, book.entry_answer(index),
+                "fires_on_new_input" if fact_id in fired_before else "overlaps",
+                float(radii_before[ids_before.index(fact_id)]), float(book.radii[index]),
+                book.entry_answer(int(now[0])) if int(now[0]) >= 0 else None,
+            ))
+        return conflicts
 
     def _identify(self, fact: Fact) -> tuple[Query, str, str, int]:
         """The fact's query, input fingerprint, fact id and answer length in tokens (checked

@@ -127,6 +127,8 @@ class EditReport:
     split_with: tuple[str, ...] = ()
     num_hard_negatives: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # Existing facts this edit collides with (another answer on overlapping inputs); see `Conflict`.
+    conflicts: tuple[Conflict, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -144,7 +146,32 @@ class EditReport:
             "split_with": list(self.split_with),
             "num_hard_negatives": self.num_hard_negatives,
             "timings": dict(self.timings),
+            "conflicts": [c.to_dict() for c in self.conflicts],
         }
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An existing fact whose entry collides with a new one that gives another answer.
+
+    `kind` is "fires_on_new_input" when the new fact's own input already fired the existing entry
+    (it answered `answer` there before the edit), or "overlaps" when the two entries' balls
+    overlapped and the overlap rule cut one or both radii. `now_answers` is what the existing
+    fact's own input answers after the edit: the answer of the entry that fires at its key, or
+    None when none does (the unedited model answers).
+    """
+
+    fact_id: str
+    answer: str
+    kind: str
+    radius_before: float
+    radius_after: float
+    now_answers: str | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"fact_id": self.fact_id, "answer": self.answer, "kind": self.kind,
+                "radius_before": self.radius_before, "radius_after": self.radius_after,
+                "now_answers": self.now_answers}
 
 
 def input_fingerprint(image_bytes: bytes | None, question: str) -> str:

@@ -422,6 +422,9 @@ def token_revoke(state: State, name: str, actor: str | None, as_json: bool) -> N
               help="An image on which the question must keep its old answer.")
 @click.option("--negative-question", "negative_questions", multiple=True,
               help="A question about the image whose answer must not change.")
+@click.option("--supersedes", metavar="FACT_ID",
+              help="An applied fact this one replaces: its entry leaves the knowledge in the same version "
+                   "(see the conflicts a --wait report names).")
 @click.option("--wait", is_flag=True, help="Block until applied and print the new version.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait with --wait.")
 @actor_option
@@ -429,9 +432,13 @@ def token_revoke(state: State, name: str, actor: str | None, as_json: bool) -> N
 @model_option
 @pass_state
 def submit_fact(state: State, image: str | None, question: str, answer: str, rephrases: tuple[str, ...],
-                negative_images: tuple[str, ...], negative_questions: tuple[str, ...], wait: bool,
-                timeout: float, actor: str | None, as_json: bool) -> None:
+                negative_images: tuple[str, ...], negative_questions: tuple[str, ...], supersedes: str | None,
+                wait: bool, timeout: float, actor: str | None, as_json: bool) -> None:
     """Record a fact and queue it for the model's worker.
+
+    With --wait, the result names every applied fact the new one conflicts with (another
+    answer on overlapping inputs), what each now answers, and how their radii were split.
+    When the new fact replaces one of them, submit it with --supersedes FACT_ID.
 
     \b
     Example:
@@ -443,6 +450,7 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
     fact = FactInput(
         read_image(image, state.settings) if image else None, question, answer, rephrases,
         tuple(read_image(p, state.settings) for p in negative_images), negative_questions,
+        supersedes=supersedes,
     )
     queued = waited(state, state.service.submit_fact(state.model, fact, actor=actor_of(actor)), wait, timeout,
                     as_json)
@@ -451,11 +459,15 @@ def submit_fact(state: State, image: str | None, question: str, answer: str, rep
     if queued.outcome is not None:
         detail = state.service.fact(state.model, str(queued.fact_id))
         data["warnings"] = detail.warnings
+        data["conflicts"] = (detail.report or {}).get("conflicts", [])
+        data["superseded"] = (detail.report or {}).get("superseded", [])
         text += f"; applied as version {queued.outcome.version}"
         if detail.report is not None:
             text += f" (radius {detail.report['radius']:.4g}, {detail.report['steps']} steps)"
+        if data["superseded"]:
+            text += "; superseded " + ", ".join(data["superseded"])
         if detail.warnings:
-            text += "; warning: " + ", ".join(detail.warnings)
+            text += "".join(f"\nwarning: {w}" for w in detail.warnings)
     emit(as_json, data, text)
 
 
@@ -682,9 +694,14 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
         text += f"; version {outcome.version}"
 
     def lines() -> None:
+        from kb_daemon.service import conflict_phrase
+
         echo(text)
         for item in result.skipped:
             echo(f"  skipped {item['where']}: fact {item['fact_id']} {item['reason']}")
+        for item in outcome.conflicts if outcome is not None else []:
+            for conflict in item["conflicts"]:
+                echo(f"  {item['fact_id']} ({item['answer']!r}) {conflict_phrase(conflict)}")
 
     emit(as_json, result.as_dict(), lines)
     if outcome is not None and outcome.held:
@@ -721,6 +738,8 @@ def fact(state: State, fact_id: str, as_json: bool) -> None:
             echo(f"  rephrase: {rephrase!r}")
         echo(f"  negatives: {len(detail.negatives)}; key: {detail.key}; by {detail.actor} via {detail.source}, "
                    f"{detail.submitted_at}")
+        if detail.supersedes:
+            echo(f"  submitted to supersede {detail.supersedes}")
         if detail.superseded_by:
             echo(f"  superseded by {detail.superseded_by}")
         if detail.error:

@@ -1,8 +1,10 @@
 """Nightly ingestion: compare a source of facts with the ledger and enqueue one batch job.
 
 A source is a JSON Lines or CSV file, or a folder of them (read in name order). Fields: `image`
-(relative to the file), `question`, `answer`, optional `rephrases`, `negatives` and a stable `key`.
-Without a key, a fact is identified by its image and normalised question. The whole source is
+(relative to the file), `question`, `answer`, optional `rephrases`, `negatives`, a stable `key` and
+`supersedes` (the id of an applied fact the line replaces). Without a key, a fact is identified by
+its image and normalised question. A line whose key is in the knowledge with another answer
+supersedes that fact, whatever its image. The whole source is
 validated before anything is written: one bad line rejects the source (the error names the file and
 line), so a batch is never built from half a file.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from sqlalchemy import select
 from kb_daemon.admission import admit
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
-from kb_daemon.errors import InvalidInput
+from kb_daemon.errors import InvalidInput, NotFound
 from kb_daemon.models import Fact, FactStatus
 from kb_daemon.queue import FactInput, enqueue, get_model, read_image, record_fact
 
@@ -60,6 +62,7 @@ class SourceLine(_Strict):
     negatives: list[SourceNegative] = Field(default_factory=list)
     negative_images: list[str] = Field(default_factory=list)
     negative_questions: list[str] = Field(default_factory=list)
+    supersedes: str | None = None
 
     @classmethod
     def parse(cls, fields: dict[str, Any]) -> SourceLine:
@@ -176,7 +179,8 @@ def parse_source(source: Path, settings: Settings) -> list[SourceFact]:
                 raise InvalidInput(f"{where}: duplicate key {key!r} (first at {seen[key]})")
             seen[key] = where
             facts.append(SourceFact(where, key, FactInput(fact.image, fact.question, fact.answer, fact.rephrases,
-                                                          fact.negative_images, fact.negative_questions, key)))
+                                                          fact.negative_images, fact.negative_questions, key,
+                                                          supersedes=fact.supersedes)))
     return facts
 
 
@@ -204,7 +208,7 @@ def _fact_from_record(record: dict[str, Any], root: Path, settings: Settings) ->
         else:
             negative_questions.append(str(negative.question))
     fact = FactInput(image, line.question, line.answer, tuple(line.rephrases), tuple(negative_images),
-                     tuple(negative_questions)).cleaned()
+                     tuple(negative_questions), supersedes=line.supersedes).cleaned()
     return (str(key) if key not in (None, "") else None), fact
 
 
@@ -248,6 +252,8 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
             if known is not None:
                 if normalise(known.answer) == normalise(item.fact.answer):
                     unchanged += 1
+                elif item.fact.supersedes is None and known.status == FactStatus.APPLIED.value:
+                    changed.append(replace(item, fact=replace(item.fact, supersedes=known.id)))
                 else:
                     changed.append(item)
             elif last is not None and last.status in REMOVED and same_answer:
@@ -261,8 +267,12 @@ def ingest_source(db: Database, settings: Settings, model_name: str, source: str
         keys = {item.key for item in parsed}
         retract = [f.id for k, f in active.items()
                    if sync and k not in keys and f.status == FactStatus.APPLIED.value and f.source == label]
-        fact_ids = [record_fact(session, model, item.fact, actor=actor, source=label).id
-                    for item in new + changed + retried]
+        fact_ids = []
+        for item in new + changed + retried:
+            try:
+                fact_ids.append(record_fact(session, model, item.fact, actor=actor, source=label).id)
+            except (InvalidInput, NotFound) as exc:  # a `supersedes` naming no supersedable fact
+                raise InvalidInput(f"{item.where}: {exc}") from exc
         job_id = None
         if fact_ids or retract:
             job = enqueue(session, model, "batch", {"facts": fact_ids, "retract": retract, "source": name},

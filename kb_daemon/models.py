@@ -99,6 +99,8 @@ class Fact(Base):
     entered_version: Mapped[int | None] = mapped_column(Integer)
     left_version: Mapped[int | None] = mapped_column(Integer)
     superseded_by: Mapped[str | None] = mapped_column(String(40))
+    # The applied fact this one replaces over its scope (`submit-fact --supersedes`).
+    supersedes: Mapped[str | None] = mapped_column(String(40))
     error: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_facts_model_key", "model_id", "key"),)
 

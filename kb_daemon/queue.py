@@ -151,6 +151,7 @@ class FactInput:
     negative_questions: tuple[str, ...] = ()
     key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    supersedes: str | None = None  # an applied fact this one replaces over its scope
 
     def cleaned(self) -> FactInput:
         return FactInput(
@@ -161,6 +162,7 @@ class FactInput:
             self.negative_images,
             tuple(clean_text(q, "negative question", MAX_QUESTION_CHARS) for q in self.negative_questions),
             self.key,
+            supersedes=self.supersedes.strip() if self.supersedes else None,
         )
 
 
@@ -169,12 +171,28 @@ def record_fact(session: Session, model: Model, fact: FactInput, *, actor: str, 
     image_sha = put_blob(session, fact.image, "image") if fact.image is not None else None
     negatives = [{"image_sha256": put_blob(session, data, "image")} for data in fact.negative_images]
     negatives += [{"question": q} for q in fact.negative_questions]
+    if fact.supersedes is not None:
+        check_supersedable(session, model, fact.supersedes)
     row = Fact(id="f-" + uuid.uuid4().hex[:16], model_id=model.id, key=fact.key, image_sha256=image_sha,
                question=fact.question, answer=fact.answer, rephrases=list(fact.rephrases), negatives=negatives,
-               source=source, actor=actor, status=FactStatus.PENDING.value)
+               source=source, actor=actor, status=FactStatus.PENDING.value, supersedes=fact.supersedes)
     session.add(row)
     session.flush()
     return row
+
+
+# A fact that a new one may supersede: in the head, or queued to be applied before the new one.
+SUPERSEDABLE = (FactStatus.APPLIED.value, FactStatus.PENDING.value)
+
+
+def check_supersedable(session: Session, model: Model, fact_id: str) -> Fact:
+    """The fact `fact_id` of `model`, which a new fact may name as the one it supersedes."""
+    fact = session.get(Fact, fact_id)
+    if fact is None or fact.model_id != model.id:
+        raise NotFound(f"cannot supersede {fact_id!r}: model {model.name!r} has no such fact")
+    if fact.status not in SUPERSEDABLE:
+        raise InvalidInput(f"cannot supersede {fact_id}: it is {fact.status.replace('_', ' ')}, not applied")
+    return fact
 
 
 def submit_fact(

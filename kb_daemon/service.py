@@ -126,16 +126,25 @@ class JobOutcome(Result):
     status: str
     version: int | None
     canaries: dict[str, Any] | None = None
+    # Per applied fact that collided with existing ones: {"fact_id", "answer", "conflicts"}, the
+    # conflicts as the edit report gives them (`editor.fact.Conflict`).
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def held(self) -> bool:
         return self.status == JobStatus.HELD.value
 
     def as_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"version": self.version, "status": self.status}
+        data: dict[str, Any] = {"version": self.version, "status": self.status, "conflicts": self.conflicts}
         if self.held:
             data["canaries"] = self.canaries
         return data
+
+    @classmethod
+    def of(cls, status: str, result: dict[str, Any]) -> JobOutcome:
+        conflicts = [{"fact_id": r.get("fact_id"), "answer": r.get("answer"), "conflicts": r["conflicts"]}
+                     for r in result.get("reports") or [] if r.get("conflicts")]
+        return cls(status, result.get("version"), result.get("canaries"), conflicts)
 
 
 @dataclass(frozen=True)
@@ -339,6 +348,7 @@ class FactDetail(Result):
     report: dict[str, Any] | None
     warnings: list[str]
     image_sha256: str | None = None  # the fact's image blob (None for a text-only model)
+    supersedes: str | None = None  # the fact this one was submitted to replace
 
 
 def report_warnings(report: dict[str, Any] | None) -> list[str]:
@@ -357,7 +367,21 @@ def report_warnings(report: dict[str, Any] | None) -> list[str]:
         warnings.append(f"radius fallback: {report['radius_fallback']}")
     if report.get("converged") is False:
         warnings.append(f"values did not converge in {report.get('steps')} steps")
+    warnings.extend(conflict_phrase(c) for c in report.get("conflicts") or [])
+    if report.get("supersede_skipped"):
+        warnings.append(f"not superseded: {report['supersede_skipped']}")
     return warnings
+
+
+def conflict_phrase(conflict: dict[str, Any]) -> str:
+    """One conflict of an edit report (`editor.fact.Conflict`) as an operator reads it."""
+    how = ("its entry fired on this fact's input" if conflict["kind"] == "fires_on_new_input"
+           else "their scopes overlapped")
+    now = conflict["now_answers"]
+    return (f"conflicts with {conflict['fact_id']} ({conflict['answer']!r}): {how}; its radius "
+            f"{conflict['radius_before']:.4g} -> {conflict['radius_after']:.4g}, its own input now answers "
+            + (repr(now) if now is not None else "as the unedited model")
+            + "; supersede it with --supersedes if this fact replaces it")
 
 
 @dataclass(frozen=True)
@@ -598,7 +622,7 @@ class Service:
             if progress is not None and total:
                 progress(done, total, "optimisation steps" if kind == "edit" else "facts")
             if status in (JobStatus.DONE.value, JobStatus.HELD.value):
-                return JobOutcome(status, result.get("version"), result.get("canaries"))
+                return JobOutcome.of(status, result)
             if status == JobStatus.FAILED.value:
                 raise KbError(f"job {job_id} failed: {error}")
             if status == JobStatus.CANCELLED.value:
@@ -811,7 +835,7 @@ class Service:
             return FactDetail(fact.id, fact.status, fact.question, fact.answer, list(fact.rephrases),
                               list(fact.negatives), fact.key, fact.source, fact.actor, fact.submitted_at,
                               fact.entered_version, fact.left_version, fact.superseded_by, fact.error, report,
-                              report_warnings(report), fact.image_sha256)
+                              report_warnings(report), fact.image_sha256, fact.supersedes)
 
     def ask(self, model: str, image: bytes | None, question: str, version: int | None = None) -> Answer:
         """Answer with the edited model at `version` (default: the head), loaded in this process."""

@@ -38,7 +38,10 @@ def test_fact_report_and_warnings(daemon, tiny_assets):
         assert "warning: 1 negative inside the radius" in text
         data = d.kbctl("submit-fact", "--model", "tiny", "--image", green, "--question", Q, "--answer", "ring",
                        "--negative-image", red, "--wait", "--json")
-        assert data["version"] == 2 and data["warnings"] == []
+        assert data["version"] == 2
+        # The two facts' balls overlapped (another answer): the only warning names that conflict.
+        assert [c["answer"] for c in data["conflicts"]] == ["brick"]
+        assert [w.split(" (")[0] for w in data["warnings"]] == [f"conflicts with {data['conflicts'][0]['fact_id']}"]
 
         detail = d.kbctl("fact", "--model", "tiny", data["fact_id"], "--json")
         report = detail["report"]

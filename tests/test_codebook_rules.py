@@ -328,8 +328,9 @@ def test_memory_bytes_counts_the_rows_in_use_and_every_record_once():
     for i in range(5):
         book.add(entry(f"f{i}", 10.0 * i, 0, 1.0, "cat"))
     sizes = book.memory_bytes()
-    # Keys (5 x 2) + values (5 x 2 x 3) + radii (5) float32, not the stores' spare rows.
-    assert sizes["tensors"] == (5 * 2 + 5 * 2 * 3 + 5) * 4
+    # Keys (5 x 2) + values (5 x 2 x 3) + radii (5) float32 and the value rows' tokens (5 x 2)
+    # int64, not the stores' spare rows.
+    assert sizes["tensors"] == (5 * 2 + 5 * 2 * 3 + 5) * 4 + 5 * 2 * 8
     assert book._key_store.shape[0] > 5  # spare capacity exists and is not counted
     # A long answer and a long id are counted once each, however many records hold them.
     long_answer, long_id = "a" * 10_000, "f" * 20_000
@@ -340,4 +341,4 @@ def test_memory_bytes_counts_the_rows_in_use_and_every_record_once():
     again = book.memory_bytes()["records"] - sizes["records"] - grown
     assert 0 < again < 1_000
     book.compact()
-    assert book.memory_bytes()["tensors"] == (7 * 2 + 7 * 2 * 3 + 7) * 4
+    assert book.memory_bytes()["tensors"] == (7 * 2 + 7 * 2 * 3 + 7) * 4 + 7 * 2 * 8

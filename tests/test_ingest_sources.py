@@ -37,7 +37,7 @@ def write_jsonl(path, rows) -> None:
      "field 'negative_images': Input should be a valid list (got \"green.png\")"),
     ({"image": "red.png", "question": Q, "answer": "a", "colour": "red"},
      "unknown field 'colour' (known: image, question, answer, rephrases, negatives, negative_images, "
-     "negative_questions)"),
+     "negative_questions, supersedes)"),
     ({"image": "red.png", "answer": "a"}, "missing field 'question'"),
     ({"image": "red.png", "question": Q, "answer": 7}, "field 'answer': Input should be a valid string (got 7)"),
     ({"image": "red.png", "question": Q, "answer": "a", "negatives": [{"image": "green.png", "colour": 1}]},

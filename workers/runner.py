@@ -285,17 +285,24 @@ def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: st
         if fact is None:
             raise InvalidInput(f"job names unknown fact {fact_id!r}")
         editor_fact = runtime.to_editor_fact(session, fact)
+        named = fact.supersedes
 
     def on_steps(done: int, total: int) -> None:
         if steps_as_progress:
             _progress(db, job_id, done, total)
         check_not_cancelled(db, job_id)
 
-    report = runtime.editor.apply(editor_fact, progress=on_steps)
+    # The fact named by --supersedes leaves with this edit; one that already left the head (a
+    # retract or rollback queued in between) is not an error: the report says so.
+    supersedes = [named] if named and named in runtime.editor.codebook.fact_ids else []
+    report = runtime.editor.apply(editor_fact, progress=on_steps, supersedes=supersedes)
     change.applied.append(fact_id)
     for old in report.superseded:
         change.superseded[old] = fact_id
-    change.reports.append(json.dumps(report.to_dict(), separators=(",", ":")))
+    details = report.to_dict()
+    if named and not supersedes:
+        details["supersede_skipped"] = f"{named} is no longer in the head"
+    change.reports.append(json.dumps(details, separators=(",", ":")))
 
 
 def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:

@@ -127,6 +127,9 @@ class CodebookMethod(ReadoutMethod):
     def _scope(self, batch: Batch) -> AbstractContextManager[Scope | None]:
         return self.editor.adapter.scope(batch.key_positions, mode="lookup")
 
+    def generate(self, inputs: Sequence[Input]) -> list[Generated]:
+        return self.readout.generate(self._queries(inputs), adapter=self.editor.adapter)
+
     def apply(self, fact: Fact) -> dict[str, Any]:
         report = self.editor.apply(fact)
         details = report.to_dict()

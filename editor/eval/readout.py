@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from editor.adapter import Scope
+from editor import commit
+from editor.adapter import CodebookAdapter, Scope
 from editor.backbones import Backbone, Batch, Query
 
 ScopeFactory = Callable[[Batch], AbstractContextManager[Scope | None]]
@@ -31,6 +32,7 @@ def no_scope(_batch: Batch) -> AbstractContextManager[Scope | None]:
 class Generated:
     text: str
     fired: bool | None  # whether a codebook entry fired; None for methods without a codebook
+    entry_answer: str | None = None  # the fired entry's (normalised) answer
 
 
 class Readout:
@@ -57,14 +59,25 @@ class Readout:
                 result.append(([row for row, _ in chunk], _stack([b for _, b in chunk])))
         return result
 
-    def generate(self, queries: Sequence[Query], scope: ScopeFactory = no_scope) -> list[Generated]:
+    def generate(self, queries: Sequence[Query], scope: ScopeFactory = no_scope,
+                 adapter: CodebookAdapter | None = None) -> list[Generated]:
+        """Greedy answers inside `scope`; with `adapter`, through its codebook as the editor
+        answers (`editor.commit`: a fired entry's whole answer or the unedited one)."""
         results: list[Generated | None] = [None] * len(queries)
         for rows, batch in self._batches(queries, None):
-            with torch.no_grad(), scope(batch) as state:
-                ids = self.backbone.generate_ids(batch, self.max_new_tokens)
+            if adapter is not None:
+                made = commit.generate(self.backbone, adapter, batch, self.max_new_tokens)
+                ids, fired = made.ids, made.fired.tolist()
+            else:
+                with torch.no_grad(), scope(batch) as state:
+                    ids = self.backbone.generate_ids(batch, self.max_new_tokens)
+                fired = None if state is None else state.fired.tolist()
             for i, row in enumerate(rows):
-                fired = None if state is None else bool(state.fired[i] >= 0)
-                results[row] = Generated(self.backbone.decode(ids[i]), fired)
+                entry = None if fired is None else int(fired[i])
+                results[row] = Generated(
+                    self.backbone.decode(ids[i]), None if entry is None else entry >= 0,
+                    adapter.codebook.entry_answer(entry) if adapter is not None and entry is not None
+                    and entry >= 0 else None)
         return [r for r in results if r is not None]
 
     def ranked(

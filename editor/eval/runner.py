@@ -62,24 +62,27 @@ class ImageCache:
 
 
 class LocReference:
-    """The unedited model's greedy answer and top-k tokens on each loc probe."""
+    """The unedited model's greedy answer and top-k tokens on each loc probe, and its greedy
+    answer on each of `others` (to tell a spliced answer from the unedited one)."""
 
     def __init__(
-        self, readout: Readout, backbone: Backbone, probes: Sequence[Probe], images: ImageCache
+        self, readout: Readout, backbone: Backbone, probes: Sequence[Probe], images: ImageCache,
+        others: Sequence[Probe] = (),
     ) -> None:
         unique = list(dict.fromkeys((p.image, p.question) for p in probes))
-        queries = [backbone.query(images(image), question) for image, question in unique]
+        seen = set(unique)
+        extra = [key for key in dict.fromkeys((p.image, p.question) for p in others) if key not in seen]
+        queries = [backbone.query(images(image), question) for image, question in [*unique, *extra]]
         answers = [g.text for g in readout.generate(queries)] if queries else []
-        ranked = readout.ranked(queries, answers, TOP_K) if queries else []
-        self._by_input = {
-            key: (answer, top) for key, answer, top in zip(unique, answers, ranked, strict=True)
-        }
+        ranked = readout.ranked(queries[: len(unique)], answers[: len(unique)], TOP_K) if unique else []
+        self._answers = dict(zip([*unique, *extra], answers, strict=True))
+        self._ranked = dict(zip(unique, ranked, strict=True))
 
     def answer(self, probe: Probe) -> str:
-        return self._by_input[(probe.image, probe.question)][0]
+        return self._answers[(probe.image, probe.question)]
 
     def ranked(self, probe: Probe) -> torch.Tensor:
-        return self._by_input[(probe.image, probe.question)][1]
+        return self._ranked[(probe.image, probe.question)]
 
 
 def to_fact(case: EditCase, images: ImageCache) -> Fact:
@@ -128,6 +131,10 @@ def score_case(
         }
         if answer.fired is not None:
             row["fired"] = answer.fired
+            # Spliced: neither the fired entry's whole answer nor the unedited model's answer.
+            row["spliced"] = bool(answer.fired) and not (
+                same_answer(answer.text, answer.entry_answer or "")
+                or same_answer(answer.text, reference.answer(probe)))
         row.update(near)
         rows.append(row)
     scores: dict[str, Any] = {}
@@ -239,7 +246,8 @@ def run_eval(
     images = ImageCache()
     readout = Readout(backbone, max_new_tokens=settings.max_new_tokens)
     tick = time.perf_counter()
-    reference = LocReference(readout, backbone, [p for c in cases for p in c.loc], images)
+    reference = LocReference(readout, backbone, [p for c in cases for p in c.loc], images,
+                             [p for c in cases for kind in PROBE_KINDS if kind != "loc" for p in c.probes(kind)])
     reference_seconds = time.perf_counter() - tick
     pool = [ReferenceItem(images(p.image), p.question) for p in pool_probes]
 
@@ -266,6 +274,9 @@ def run_eval(
         "hparams": settings.to_dict(),
         "exact": totals["exact"],
         "token": totals["token"],
+        # Answers that are neither a fired entry's whole answer nor the unedited one, over every
+        # probe of every case as finally scored (None for methods without a codebook).
+        "spliced": _spliced([run.results[c.case_id] for c in cases]),
         "seconds_per_edit": statistics.fmean(seconds),
         "seconds_per_edit_median": statistics.median(seconds),
         "setup": {**getattr(editor_method, "setup", {}), "seconds": setup_seconds},
@@ -281,6 +292,11 @@ def run_eval(
     say(f"done in {report['total_seconds']:.1f}s: {_line(totals)}")
     _write_report(report, json_path, plot_path)
     return report
+
+
+def _spliced(results: Sequence[dict[str, Any]]) -> int | None:
+    rows = [row for result in results for row in result["probes"] if "spliced" in row]
+    return sum(row["spliced"] for row in rows) if rows else None
 
 
 def _read_inputs(

@@ -429,7 +429,8 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
             await call(open_image, image, "image", settings)
         fact = FactInput(image, _string(fields, "question"), _string(fields, "answer"),
                          tuple(_strings(fields, "rephrase", "rephrases")), tuple(negatives),
-                         tuple(_strings(fields, "negative_question", "negative_questions")))
+                         tuple(_strings(fields, "negative_question", "negative_questions")),
+                         supersedes=_optional_string(fields, "supersedes"))
         queued = await call(server.service.submit_fact, name, fact, actor=who.name, source="http")
         return JSONResponse(queued.as_dict(), status_code=202)
 
@@ -569,6 +570,10 @@ def _string(fields: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{name} is missing (a string field)")
     return value
+
+
+def _optional_string(fields: dict[str, Any], name: str) -> str | None:
+    return None if fields.get(name) in (None, "") else _string(fields, name)
 
 
 def _strings(fields: dict[str, Any], *names: str) -> list[str]:
