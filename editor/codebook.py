@@ -60,6 +60,9 @@ class Entry:
     # end of sequence); None when unknown (an entry stored before tokens were kept), in which case
     # generation cannot hold the entry to its whole answer (see editor.commit).
     answer_ids: torch.Tensor | None = None
+    # How far the fact's own positives reach: the overlap rule does not cut the radius below it
+    # unless a neighbour's own reach needs the room (`editor.radius.arrive`); 0 cuts like GRACE.
+    reach: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class _Record:
     answer: str
     input_id: str
     base_radius: float
+    reach: float
     row: int  # first row of the entry's values in the value store (its key is row `index` of the key store)
     length: int  # number of value rows (answer steps + 1)
 
@@ -99,6 +103,7 @@ class Codebook:
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
     radii: torch.Tensor  # (N,) effective radii
+    reaches: torch.Tensor  # (N,) each entry's `Entry.reach`
     # Entry i's answer as a small integer (equal answers, equal codes), for the overlap rule; kept
     # up to date as entries arrive, so that `add` needs no pass over the N answers. Which entries
     # cut which is not kept: `add` reports the new entry's cuts, and a history of every cut would
@@ -136,7 +141,7 @@ class Codebook:
         """Entry `index`; its key and values are views of the codebook's stores."""
         r = self._records[index]
         return Entry(r.fact_id, r.answer, r.input_id, self.keys[index].detach(), self.values_of(index),
-                     r.base_radius, self.answer_ids_of(index))
+                     r.base_radius, self.answer_ids_of(index), r.reach)
 
     @property
     def entries(self) -> list[Entry]:
@@ -175,7 +180,7 @@ class Codebook:
     def from_stores(cls, spec: CodebookSpec, hparams: dict[str, Any], ids: Sequence[tuple[str, str, str]],
                     keys: torch.Tensor, values: torch.Tensor, rows: Sequence[tuple[int, int]],
                     base_radii: Sequence[float], radii: torch.Tensor,
-                    answer_ids: torch.Tensor | None = None) -> Codebook:
+                    answer_ids: torch.Tensor | None = None) -> Codebook:  # entries' reach: 0
         """A codebook over tensors it does not copy: entry i is ids[i] = (fact id, answer, input
         id), key keys[i], values values[row : row + length] for rows[i] = (row, length), and
         radii[i] its effective radius, which the caller vouches for (bench/inference_overhead
@@ -185,7 +190,7 @@ class Codebook:
             raise IncompatibleCodebookError("entry counts differ between the arguments")
         book = cls(spec, hparams)
         book._records = [
-            _Record(fact_id, answer, input_id, float(base), int(row), int(length))
+            _Record(fact_id, answer, input_id, float(base), 0.0, int(row), int(length))
             for (fact_id, answer, input_id), (row, length), base in zip(ids, rows, base_radii, strict=True)
         ]
         book._key_store, book._value_store = keys, values
@@ -193,6 +198,7 @@ class Codebook:
                              else torch.full((values.shape[0],), -1, dtype=torch.int64))
         book._value_rows = max((row + length for row, length in rows), default=0)
         book.keys, book.radii = keys, radii.to(torch.float32)
+        book.reaches = torch.zeros(len(book._records))
         book._index_answers()
         return book
 
@@ -208,7 +214,8 @@ class Codebook:
                 self.radii = radii
             else:
                 base = torch.tensor([e.base_radius for e in entries], dtype=torch.float32)
-                split = resolve_overlaps(self.keys, base, [e.answer for e in entries], self.spec.distance)
+                split = resolve_overlaps(self.keys, base, [e.answer for e in entries], self.spec.distance,
+                                         self.reaches)
                 self.radii, last = split.radii, len(entries) - 1
                 # The last entry arrived last: it was cut by cut_by[last], and it cut every entry
                 # whose cuts end with it.
@@ -237,12 +244,14 @@ class Codebook:
         records, row = [], 0
         for e in entries:
             length = int(e.values.shape[0])
-            records.append(_Record(e.fact_id, e.answer, e.input_id, float(e.base_radius), row, length))
+            records.append(_Record(e.fact_id, e.answer, e.input_id, float(e.base_radius), float(e.reach),
+                                   row, length))
             row += length
         self._records = records
         self._key_store, self._value_store, self._value_rows = key_store, value_store, row
         self._token_store = token_store
         self.keys = key_store[: len(records)]  # (N, Din)
+        self.reaches = torch.tensor([r.reach for r in records], dtype=torch.float32)  # (N,)
 
     def _append(self, key: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor) -> int:
         """Copy key (Din,), values (L, Dout) and their tokens (L,) into the stores after the last
@@ -305,6 +314,7 @@ class Codebook:
         if any(r.fact_id == entry.fact_id and r.input_id != entry.input_id for r in self._records):
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         base_radius = float(torch.tensor(entry.base_radius, dtype=torch.float32))
+        reach = float(torch.tensor(entry.reach, dtype=torch.float32))
         # The key and values are copied into the codebook's stores (by _refresh or _append): they
         # are often a row or slice of a larger batch tensor, whose storage must not stay alive.
         key = entry.key.detach().float().cpu()  # (Din,)
@@ -314,20 +324,23 @@ class Codebook:
             remaining = [e for e in self.entries if e.input_id != entry.input_id]
             key_index, self._index = self._index, None
             touched = self._refresh(
-                [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius, tokens)])
+                [*remaining, Entry(entry.fact_id, entry.answer, entry.input_id, key, values, base_radius, tokens,
+                                   reach)])
             if key_index is not None:
                 key_index.remove_rows(superseded_rows)
                 key_index.append(key)
                 self._index = key_index
         else:  # the common case: only the new entry's arrival needs the overlap rule
             row = self._append(key, values, tokens)
-            self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, row,
+            self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, reach, row,
                                          int(values.shape[0])))
             self._codes.append(self._code_of.setdefault(entry.answer, len(self._code_of)))
             self.radii = torch.cat([self.radii, torch.tensor([base_radius])])  # (N,)
+            self.reaches = torch.cat([self.reaches, torch.tensor([reach])])  # (N,)
             # A copy (N x 4 bytes): a view would pin the array, which cannot grow while exported.
             codes = torch.frombuffer(self._codes, dtype=torch.int32).clone()  # (N,)
-            touched = arrive(self.keys, self.radii, codes, len(self._records) - 1, self.spec.distance)
+            touched = arrive(self.keys, self.radii, codes, len(self._records) - 1, self.spec.distance,
+                             reaches=self.reaches)
             self._device_cache = {}
             if self._index is not None:
                 self._index.append(key)
@@ -464,13 +477,13 @@ class Codebook:
         return self._device_cache[device]
 
     def memory_bytes(self) -> dict[str, int]:
-        """What the codebook holds, in bytes: `tensors`, its keys, value rows, their tokens and radii (not the
+        """What the codebook holds, in bytes: `tensors`, its keys, value rows, their tokens, radii and reaches (not the
         stores' spare capacity), and `records`, the Python objects it keeps per entry (records,
         their ids, answers and numbers, the answer codes), as `sys.getsizeof` counts them, and
         `index`, the nearest-neighbour index when one is built (0 otherwise)."""
         rows = self._value_rows
         tensors = (self.keys.nbytes + self._value_store[:rows].nbytes + self._token_store[:rows].nbytes
-                   + self.radii.nbytes)
+                   + self.radii.nbytes + self.reaches.nbytes)
         seen: set[int] = set()
         pending: list[Any] = [self._records, self._codes, self._code_of]
         records = 0
@@ -505,6 +518,7 @@ class Codebook:
             "values": torch.cat([self.values_of(i) for i in range(n)]) if n else torch.zeros(0, self.spec.output_size),
             "value_lengths": torch.tensor([r.length for r in self._records], dtype=torch.int64),
             "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
+            "reaches": self.reaches.clone(),
             "answer_ids": self._token_store[: self._value_rows].clone() if n else torch.zeros(0, dtype=torch.int64),
         }
         header = {
@@ -536,10 +550,13 @@ class Codebook:
         if tokens is not None and tokens.shape != (tensors["values"].shape[0],):
             raise IncompatibleCodebookError("codebook is inconsistent: answer_ids do not match the value rows")
         token_rows = torch.split(tokens, lengths) if records and tokens is not None else [None] * len(records)
+        reaches = tensors.get("reaches", torch.zeros(len(records)))
+        if reaches.shape != (len(records),):
+            raise IncompatibleCodebookError("codebook is inconsistent: reaches do not match the entries")
         # No clones: the constructor copies keys, values and tokens into its own stores.
         entries = [
             Entry(r["fact_id"], r["answer"], r["input_id"], tensors["keys"][i],
-                  values[i], float(tensors["base_radii"][i]), token_rows[i])
+                  values[i], float(tensors["base_radii"][i]), token_rows[i], float(reaches[i]))
             for i, r in enumerate(records)
         ]
         return cls(spec, header.get("hparams", {}), entries)
@@ -563,6 +580,8 @@ def entry_tensors_to_bytes(entry: Entry) -> bytes:
     tensors = {"key": entry.key, "values": entry.values}
     if entry.answer_ids is not None:
         tensors["answer_ids"] = _token_row(entry)
+    if entry.reach:
+        tensors["reach"] = torch.tensor([entry.reach], dtype=torch.float32)
     return save_tensors(tensors)
 
 
@@ -574,9 +593,12 @@ def entry_from_bytes(
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises several types for damaged input
         raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} are unreadable: {exc}") from exc
-    if set(tensors) not in ({"key", "values"}, {"key", "values", "answer_ids"}):
+    if not {"key", "values"} <= set(tensors) <= {"key", "values", "answer_ids", "reach"}:
         raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} hold {sorted(tensors)}")
+    reach = tensors.get("reach")
+    if reach is not None and reach.shape != (1,):
+        raise IncompatibleCodebookError(f"entry tensors of fact {fact_id!r} hold a reach of shape {tuple(reach.shape)}")
     entry = Entry(fact_id, answer, input_id, tensors["key"], tensors["values"], base_radius,
-                  tensors.get("answer_ids"))
+                  tensors.get("answer_ids"), float(reach[0]) if reach is not None else 0.0)
     _token_row(entry)  # checks the token count against the values
     return entry

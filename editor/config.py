@@ -11,6 +11,7 @@ from editor.errors import ConfigError
 Method = Literal["balancedit", "grace"]
 Distance = Literal["euclidean", "cosine"]
 ValueInit = Literal["warm", "cold"]
+OverlapRule = Literal["halve", "keep_positives"]
 
 
 def _check_choice(name: str, value: object, literal: Any) -> None:
@@ -49,6 +50,10 @@ class EditConfig:
     black_image_negative: bool = True
     # Train the value on the rephrasings too, so that it carries over to them.
     train_on_rephrases: bool = True
+    # How two overlapping entries with different answers share the distance between their keys
+    # (`editor.radius.arrive`): "halve" cuts both to half of it (GRACE); "keep_positives" first
+    # keeps, for each, the reach of its own rephrasings inside its radius and halves the rest.
+    overlap_rule: OverlapRule = "halve"
     max_answer_tokens: int = 64  # answer tokens incl. end of sequence
     max_new_tokens: int = 64
     seed: int = 0
@@ -57,6 +62,7 @@ class EditConfig:
         _check_choice("method", self.method, Method)
         _check_choice("distance", self.distance, Distance)
         _check_choice("value_init", self.value_init, ValueInit)
+        _check_choice("overlap_rule", self.overlap_rule, OverlapRule)
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {self.alpha}")
         if not self.lr > 0:

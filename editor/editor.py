@@ -228,7 +228,8 @@ class Editor:
             trained = self._train_values(sample, target_length, progress)
         with _timed(timings, "bookkeeping"):
             entry = Entry(fact_id, normalise_answer(fact.answer), input_id, sample.key, trained.values,
-                          radius, torch.tensor(self.backbone.answer_ids(fact.answer)))
+                          radius, torch.tensor(self.backbone.answer_ids(fact.answer)),
+                          self._reach(positive_distances, radius))
             for old in supersedes:
                 self.codebook.remove(old)
             prior, radii_before, ids_before = self._before_adding(entry)
@@ -251,6 +252,14 @@ class Editor:
             num_hard_negatives=hard_count,
             timings=timings,
         )
+
+    def _reach(self, positive_distances: torch.Tensor, radius: float) -> float:
+        """How far the fact's own rephrasings reach inside its radius, which the overlap rule
+        keeps under "keep_positives" (0 under "halve")."""
+        if self.config.overlap_rule != "keep_positives":
+            return 0.0
+        inside = positive_distances[positive_distances <= radius]
+        return float(inside.max()) if inside.numel() else 0.0
 
     def _before_adding(self, entry: Entry) -> tuple[list[str], torch.Tensor, list[str]]:
         """The fact whose entry fires at the new entry's key now, if it gives another answer (as a

@@ -87,13 +87,15 @@ class SplitResult:
 
 
 def resolve_overlaps(
-    keys: torch.Tensor, base_radii: torch.Tensor, answers: list[str], distance: Distance
+    keys: torch.Tensor, base_radii: torch.Tensor, answers: list[str], distance: Distance,
+    reaches: torch.Tensor | None = None,
 ) -> SplitResult:
-    """GRACE's overlap rule, replayed over the entries in insertion order.
+    """The overlap rule (`arrive`), replayed over the entries in insertion order.
 
     Each entry keeps the radius it was given when added (`base_radii`). When an entry arrives,
     every earlier entry with a different answer whose ball overlaps its own (distance below the
-    sum of the two current radii) is cut to at most half their distance, and so is the new entry.
+    sum of the two current radii) is cut so that the two balls no longer overlap, and so is the
+    new entry: with every reach 0 (`reaches`, default), each to half their distance (GRACE).
     Entries with the same answer may overlap: together they cover both keys. Because the effective
     radii are a function of the entries alone, removing an entry and replaying gives exactly the
     radii the codebook would have had without it.
@@ -109,7 +111,7 @@ def resolve_overlaps(
     candidates = _overlap_candidates(keys, radii, codes, distance)
     for i in range(1, n):
         if candidates[i].numel():
-            arrive(keys, radii, codes, i, distance, cut_by, candidates[i])
+            arrive(keys, radii, codes, i, distance, cut_by, candidates[i], reaches)
     return SplitResult(radii, tuple(tuple(c) for c in cut_by))
 
 
@@ -174,9 +176,17 @@ def arrive(
     distance: Distance,
     cut_by: list[list[int]] | None = None,
     candidates: torch.Tensor | None = None,
+    reaches: torch.Tensor | None = None,
 ) -> list[int]:
     """Apply the overlap rule for entry `i` against entries 0..i-1 (or only `candidates`, sorted
     ascending, when every other earlier entry is known not to overlap), updating `radii` in place.
+
+    A pair with different answers whose balls overlap (distance d below the sum of their radii)
+    shares d between them. Each first keeps its reach (`reaches`: how far its own positives lie,
+    at most its radius), and the room left, d minus both reaches, is split evenly; so an entry
+    is cut below its own positives only when the two reaches together exceed d, and then the two
+    get d in proportion to their reaches. With both reaches 0 each gets d / 2: GRACE's halving.
+    A radius is only ever lowered, and afterwards the two balls no longer overlap.
 
     Returns the earlier entries whose radius `i` cut or that cut `i`'s, ascending; `cut_by`, when
     given, also records them (i appended to each cut entry's list, the others to i's)."""
@@ -185,15 +195,32 @@ def arrive(
     overlapping = (codes[others] != codes[i]) & (d < radii[others] + radii[i])  # (M,)
     if not bool(overlapping.any()):
         return []
-    half = d / 2.0  # (M,)
-    cut_earlier = overlapping & (radii[others] > half)  # (M,)
-    new_radius = float(torch.where(overlapping, half, radii[i].expand_as(half)).min())
+    theirs, mine = _shares(d, radii, others, i, reaches)  # (M,), (M,)
+    cut_earlier = overlapping & (radii[others] > theirs)  # (M,)
+    new_radius = float(torch.where(overlapping, mine, radii[i].expand_as(mine)).min())
     cut = others[cut_earlier].tolist()
-    cutting = others[overlapping & (half < radii[i])].tolist() if new_radius < float(radii[i]) else []
+    cutting = others[overlapping & (mine < radii[i])].tolist() if new_radius < float(radii[i]) else []
     if cut_by is not None:
         for j in cut:
             cut_by[j].append(i)
         cut_by[i].extend(cutting)
-    radii[others] = torch.where(cut_earlier, half, radii[others])
+    radii[others] = torch.where(cut_earlier, theirs, radii[others])
     radii[i] = min(float(radii[i]), new_radius)
     return sorted(set(cut) | set(cutting))
+
+
+def _shares(d: torch.Tensor, radii: torch.Tensor, others: torch.Tensor, i: int,
+            reaches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The radii that the pairs (others[m], i) at distances d (M,) would share d into, as
+    (the earlier entries' shares (M,), entry i's shares (M,)); see `arrive`."""
+    if reaches is None:
+        half = d / 2.0
+        return half, half
+    theirs = torch.minimum(reaches[others], radii[others])  # (M,)
+    mine = torch.minimum(reaches[i], radii[i]).expand_as(theirs)  # (M,)
+    room = d - theirs - mine  # (M,)
+    both = theirs + mine  # (M,)
+    scale = torch.where(both > 0, d / both.clamp_min(1e-30), torch.zeros_like(d))  # (M,)
+    their_share = torch.where(room > 0, theirs + room / 2.0, torch.where(both > 0, theirs * scale, d / 2.0))
+    my_share = torch.where(room > 0, mine + room / 2.0, torch.where(both > 0, mine * scale, d / 2.0))
+    return their_share, my_share

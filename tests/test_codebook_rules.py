@@ -328,9 +328,9 @@ def test_memory_bytes_counts_the_rows_in_use_and_every_record_once():
     for i in range(5):
         book.add(entry(f"f{i}", 10.0 * i, 0, 1.0, "cat"))
     sizes = book.memory_bytes()
-    # Keys (5 x 2) + values (5 x 2 x 3) + radii (5) float32 and the value rows' tokens (5 x 2)
-    # int64, not the stores' spare rows.
-    assert sizes["tensors"] == (5 * 2 + 5 * 2 * 3 + 5) * 4 + 5 * 2 * 8
+    # Keys (5 x 2) + values (5 x 2 x 3) + radii (5) + reaches (5) float32 and the value rows'
+    # tokens (5 x 2) int64, not the stores' spare rows.
+    assert sizes["tensors"] == (5 * 2 + 5 * 2 * 3 + 5 + 5) * 4 + 5 * 2 * 8
     assert book._key_store.shape[0] > 5  # spare capacity exists and is not counted
     # A long answer and a long id are counted once each, however many records hold them.
     long_answer, long_id = "a" * 10_000, "f" * 20_000
@@ -341,4 +341,43 @@ def test_memory_bytes_counts_the_rows_in_use_and_every_record_once():
     again = book.memory_bytes()["records"] - sizes["records"] - grown
     assert 0 < again < 1_000
     book.compact()
-    assert book.memory_bytes()["tensors"] == (7 * 2 + 7 * 2 * 3 + 7) * 4 + 7 * 2 * 8
+    assert book.memory_bytes()["tensors"] == (7 * 2 + 7 * 2 * 3 + 7 + 7) * 4 + 7 * 2 * 8
+
+
+def reaching(fact_id: str, x: float, radius: float, answer: str, reach: float) -> Entry:
+    base = entry(fact_id, x, 0, radius, answer)
+    return Entry(base.fact_id, base.answer, base.input_id, base.key, base.values, radius, None, reach)
+
+
+def test_overlap_rule_keeps_each_entrys_reach_and_halves_the_room_left():
+    book = Codebook(SPEC)
+    book.add(reaching("a", 0, 4.0, "cat", 1.5))
+    book.add(reaching("b", 5, 4.0, "dog", 0.5))
+    # Distance 5: a keeps 1.5, b keeps 0.5, the 3 left is split evenly; halving would give 2.5 each,
+    # which leaves a's own rephrasing at 1.5 inside but would not if its reach were above 2.5.
+    assert radii(book) == pytest.approx({"a": 3.0, "b": 2.0})
+    book.add(reaching("c", 8, 2.4, "emu", 2.4))  # b (reach 0.5) is cut to make room for c's reach
+    assert radii(book) == pytest.approx({"a": 3.0, "b": 0.5 + (3 - 0.5 - 2.4) / 2, "c": 2.4})
+
+
+def test_overlap_rule_shares_the_distance_by_reach_when_the_reaches_collide():
+    book = Codebook(SPEC)
+    book.add(reaching("a", 0, 4.0, "cat", 3.0))
+    book.add(reaching("b", 5, 4.0, "dog", 4.0))
+    assert radii(book) == pytest.approx({"a": 5 * 3 / 7, "b": 5 * 4 / 7})
+
+
+def test_overlap_rule_with_no_reach_is_grace_halving_and_replays_the_same():
+    from editor.radius import resolve_overlaps
+
+    zero, reached = Codebook(SPEC), Codebook(SPEC)
+    for i, (x, answer) in enumerate([(0, "cat"), (1.5, "dog"), (2.5, "cat"), (4.0, "emu")]):
+        zero.add(entry(f"e{i}", x, 0, 2.0, answer))
+        reached.add(reaching(f"e{i}", x, 2.0, answer, 0.3 * i))
+    assert radii(zero) == pytest.approx({"e0": 0.75, "e1": 0.5, "e2": 0.5, "e3": 0.75})
+    for book in (zero, reached):
+        replay = resolve_overlaps(book.keys, torch.full((4,), 2.0), [e.answer for e in book.entries], "euclidean",
+                                  book.reaches)
+        assert torch.equal(replay.radii, book.radii)
+        restored = Codebook.from_bytes(book.to_bytes())
+        assert torch.equal(restored.radii, book.radii) and torch.equal(restored.reaches, book.reaches)
