@@ -1,7 +1,8 @@
 """A codebook adapter that wraps one linear layer of the text decoder.
 
 How an edit acts on a sequence (the multi-token mechanism):
-  * The key of a sequence is the wrapped layer's input at that sequence's own last prompt token.
+  * The key of a sequence is the wrapped layer's input at that sequence's own last prompt token
+    (with `attach_image_features`, followed by the mean of the image's features; see there).
   * At that position the codebook is searched once; the entry that fires (nearest key whose ball
     contains the query) stays attached to the sequence for the rest of the call.
   * The entry's values are a short sequence: value[0] replaces the layer's output at the last
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ class Scope:
     fired: torch.Tensor = field(init=False)  # (B,) entry index per row, -1 when none
     fired_distance: torch.Tensor = field(init=False)  # (B,)
     stop_after_keys: bool = False  # raise KeysCaptured once every row's key is recorded
-    keys: torch.Tensor | None = None  # (B, Din) recorded at the key positions
+    keys: torch.Tensor | None = None  # (B, key size) recorded at the key positions
     recorded_outputs: torch.Tensor | None = None  # (B, record_steps, Dout)
+    image_features: torch.Tensor | None = None  # (B, Dimg) the mean image features, when attached
 
     def __post_init__(self) -> None:
         b = self.key_positions.shape[0]
@@ -75,7 +77,45 @@ class CodebookAdapter(nn.Module):
         self.base_layer = base_layer
         self.codebook = codebook
         self.input_size, self.output_size = layer_sizes(base_layer)
+        self.key_size = self.input_size
+        self.image_weight = 0.0
+        self._image_hook: Any = None
         self._scope: Scope | None = None
+
+    def attach_image_features(self, module: nn.Module, size: int, weight: float) -> None:
+        """Make keys image-aware: each key becomes the layer's input at the prompt's last token,
+        L2-normalised, followed by `weight` times the L2-normalised mean over tokens of what
+        `module` (the projector that hands the image to the text decoder, output (B, tokens,
+        `size`)) produced for that row in the same pass. A row without an image gets zeros there."""
+        if self._image_hook is not None:
+            raise EditorError("image features are already attached to this adapter")
+
+        def record(_module: nn.Module, _args: Any, output: Any) -> None:
+            state = self._scope
+            features = output[0] if isinstance(output, tuple) else output
+            if state is not None and isinstance(features, torch.Tensor) and features.dim() == 3:
+                state.image_features = features.detach().float().mean(dim=1).cpu()  # (B, Dimg)
+
+        self._image_hook = module.register_forward_hook(record)
+        self.key_size, self.image_weight = self.input_size + size, float(weight)
+
+    def detach_image_features(self) -> None:
+        if self._image_hook is not None:
+            self._image_hook.remove()
+        self._image_hook = None
+        self.key_size, self.image_weight = self.input_size, 0.0
+
+    def _keys_of(self, state: Scope, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """The keys of `rows` from the layer's inputs at their key positions (R, Din)."""
+        if not self.image_weight:
+            return queries
+        image = torch.zeros(rows.shape[0], self.key_size - self.input_size)
+        features = state.image_features
+        if features is not None and features.shape[0] == state.key_positions.shape[0]:
+            image = features[rows]
+        return torch.cat([torch.nn.functional.normalize(queries, dim=-1),
+                          self.image_weight * torch.nn.functional.normalize(image.to(queries.device), dim=-1)],
+                         dim=-1)  # (R, key size)
 
     @contextmanager
     def scope(
@@ -136,9 +176,10 @@ class CodebookAdapter(nn.Module):
     ) -> None:
         index = torch.tensor(rows)
         local = state.key_positions[index] - start  # (R,)
-        queries = x3[index.to(x3.device), local.to(x3.device)].detach().float()  # (R, Din)
+        inputs = x3[index.to(x3.device), local.to(x3.device)].detach().float()  # (R, Din)
+        queries = self._keys_of(state, index, inputs)  # (R, key size)
         if state.keys is None:
-            state.keys = torch.zeros(state.key_positions.shape[0], self.input_size)
+            state.keys = torch.zeros(state.key_positions.shape[0], self.key_size)
         state.keys[index] = queries.cpu()
         if state.mode == "lookup":
             fired, distance = self.codebook.lookup(queries)

@@ -34,10 +34,13 @@ class CodebookSpec:
     input_size: int
     output_size: int
     distance: Distance
+    # What a key is made of: "layer" (the edited layer's input) or "layer+image*W" (see
+    # `EditConfig.image_key_weight`); `input_size` is the key's length.
+    key: str = "layer"
 
     def check_compatible(self, other: CodebookSpec) -> None:
         """Raise `IncompatibleCodebookError` naming the first field that differs."""
-        for name in ("model_id", "layer", "input_size", "output_size", "distance"):
+        for name in ("model_id", "layer", "key", "input_size", "output_size", "distance"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise IncompatibleCodebookError(
@@ -528,6 +531,7 @@ class Codebook:
                 "input_size": self.spec.input_size,
                 "output_size": self.spec.output_size,
                 "distance": self.spec.distance,
+                "key": self.spec.key,
             },
             "hparams": self.hparams,
             "entries": [

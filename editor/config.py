@@ -54,6 +54,12 @@ class EditConfig:
     # (`editor.radius.arrive`): "halve" cuts both to half of it (GRACE); "keep_positives" first
     # keeps, for each, the reach of its own rephrasings inside its radius and halves the rest.
     overlap_rule: OverlapRule = "halve"
+    # The scope key. 0: the paper's, the edited layer's input at the prompt's last token. Above 0
+    # (cosine distance only): that input, L2-normalised, followed by the mean of the image's
+    # features as the text decoder receives them (a vision-language model's projector output),
+    # L2-normalised and scaled by this weight, so that a key also sees what the image shows when
+    # the layer's input barely does (bench/README.md, "Scope keys").
+    image_key_weight: float = 0.0
     max_answer_tokens: int = 64  # answer tokens incl. end of sequence
     max_new_tokens: int = 64
     seed: int = 0
@@ -69,6 +75,10 @@ class EditConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not self.stop_margin >= 0.0:
             raise ConfigError(f"stop_margin must be 0 or more, got {self.stop_margin}")
+        if not self.image_key_weight >= 0.0:
+            raise ConfigError(f"image_key_weight must be 0 or more, got {self.image_key_weight}")
+        if self.image_key_weight > 0 and self.distance != "cosine":
+            raise ConfigError("image_key_weight needs distance='cosine' (the key's parts are normalised)")
         if not self.initial_radius > 0:
             raise ConfigError(f"initial_radius must be positive, got {self.initial_radius}")
         for name in ("max_steps", "max_answer_tokens", "max_new_tokens"):

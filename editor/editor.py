@@ -95,8 +95,11 @@ class Editor:
                 f"layer {self.layer!r} already carries a codebook adapter; close() the other Editor first"
             )
         input_size, output_size = layer_sizes(base)
-        self.spec = CodebookSpec(backbone.model_id, self.layer, input_size, output_size,
-                                 self.config.distance)
+        image = self._image_features() if self.config.image_key_weight > 0 else None
+        key_size = input_size + (image[1] if image is not None else 0)
+        key = f"layer+image*{self.config.image_key_weight:g}" if image is not None else "layer"
+        self.spec = CodebookSpec(backbone.model_id, self.layer, key_size, output_size,
+                                 self.config.distance, key)
         if codebook is None:
             codebook = Codebook(self.spec, self.config.to_dict())
         self.spec.check_compatible(codebook.spec)
@@ -104,11 +107,25 @@ class Editor:
         self.reference_pool = list(reference_pool or [])
         self._pool: _PoolIndex | None = None
         self.adapter: CodebookAdapter = install(backbone.model, self.layer, codebook)
+        if image is not None:
+            self.adapter.attach_image_features(image[0], image[1], self.config.image_key_weight)
+
+    def _image_features(self) -> tuple[torch.nn.Module, int]:
+        """The module whose output is the image as the text decoder receives it, and its width."""
+        family = self.backbone.family
+        if not family.image_features:
+            raise EditorError(f"image_key_weight needs a vision-language model; a {family.name} model has no image")
+        module = self.backbone.model.get_submodule(family.image_features)
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        if not linears:
+            raise EditorError(f"{family.image_features} holds no linear layer to read the image width from")
+        return module, int(linears[-1].out_features)
 
     # ----- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
         """Remove the adapter; the model is the base model again."""
         if self.adapter is not None:
+            self.adapter.detach_image_features()
             uninstall(self.backbone.model, self.layer)
             self.adapter = None  # type: ignore[assignment]
 
@@ -127,7 +144,7 @@ class Editor:
 
         The method and the distance stay: the codebook's keys and radii were made under them."""
         config = EditConfig.from_dict({"method": self.config.method, **hparams})
-        for name in ("method", "distance"):
+        for name in ("method", "distance", "image_key_weight"):
             if getattr(config, name) != getattr(self.config, name):
                 raise IncompatibleCodebookError(
                     f"{name} cannot change from {getattr(self.config, name)!r} to {getattr(config, name)!r}: "

@@ -29,17 +29,21 @@ class FamilySpec:
     prompt_template: str
     answer_prefix: str
     vision: str = ""  # the vision encoder, whose forward sees each distinct image once per batch
+    # The module whose output is the image as the text decoder receives it (B, tokens, D): the
+    # image part of a key under `image_key_weight` is its mean over the tokens.
+    image_features: str = ""
 
 
 LLAVA = FamilySpec(
     "llava", "model.language_model.layers", ("model.language_model.norm", "lm_head"),
     "mlp.down_proj", True, True, "USER: <image>\n{question} ASSISTANT:", " ", "model.vision_tower",
+    "model.multi_modal_projector",
 )
 BLIP2 = FamilySpec(
     "blip2", "language_model.model.decoder.layers",
     ("language_model.model.decoder.final_layer_norm", "language_model.model.decoder.project_out",
      "language_model.lm_head"),
-    "fc2", True, False, "Question: {question} Answer:", " ", "vision_model",
+    "fc2", True, False, "Question: {question} Answer:", " ", "vision_model", "language_projection",
 )
 GPT2 = FamilySpec(
     "gpt2", "transformer.h", ("transformer.ln_f", "lm_head"), "mlp.c_proj", False, True,

@@ -10,6 +10,7 @@ entries in creation order; each span also records the entry's effective radius i
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -324,8 +325,11 @@ def set_spec(session: Session, model: Model, spec: dict[str, Any]) -> None:
                         .values(spec=spec))
         model.spec = spec
         return
-    if model.spec != spec:
-        changed = [k for k in spec if model.spec.get(k) != spec[k]]
+    from editor.codebook import CodebookSpec
+
+    stored = dataclasses.asdict(CodebookSpec(**model.spec))  # fields added since it was stored: their defaults
+    if stored != spec:
+        changed = [k for k in spec if stored.get(k) != spec[k]]
         raise KbError(
             f"model {model.name!r} at {model.path} no longer matches its stored codebooks "
             f"({', '.join(changed)} changed); register the new weights as another model"

@@ -325,3 +325,27 @@ def test_tokenizer_keeps_no_word_of_what_it_splits(family, backbone):
     assert cached > 2_000_000, f"the control kept only {cached} bytes for 3,000 texts"
     kept = _heap_growth(tokenizer, texts)
     assert kept < 200_000, f"the backbone's tokenizer kept {kept} bytes for 3,000 distinct texts"
+
+
+def test_image_aware_keys_on_each_vision_family_and_refused_on_text_models(family, backbone):
+    """`image_key_weight`: a key is the layer's input and the mean image features, each normalised;
+    the same question about another image moves the key by the image part alone."""
+    if not needs_image(family):
+        with pytest.raises(editor.EditorError, match="needs a vision-language model"):
+            Editor(backbone, image_key_weight=0.5)
+        return
+    red, blue = image((230, 20, 20)), image((20, 20, 230))
+    with Editor(backbone) as plain:
+        layer_keys = plain.keys([backbone.query(red, QUESTION), backbone.query(blue, QUESTION)])
+    with Editor(backbone, image_key_weight=0.5) as ed:
+        assert ed.spec.key == "layer+image*0.5" and ed.spec.input_size > layer_keys.shape[1]
+        keys = ed.keys([backbone.query(red, QUESTION), backbone.query(blue, QUESTION)])
+        width = layer_keys.shape[1]
+        assert torch.allclose(keys[:, :width], torch.nn.functional.normalize(layer_keys, dim=-1), atol=1e-5)
+        assert torch.allclose(keys[:, width:].norm(dim=-1), torch.full((2,), 0.5), atol=1e-5)
+        assert not torch.allclose(keys[0, width:], keys[1, width:])
+        ed.apply(Fact(red, QUESTION, "oblong box", rephrases=REPHRASES))
+        assert ed.answer(red, QUESTION) == "oblong box"
+        book = ed.codebook
+    with Editor(backbone) as plain, pytest.raises(IncompatibleCodebookError, match="key="):
+        plain.load_codebook(book)
