@@ -12,6 +12,9 @@ Method = Literal["balancedit", "grace"]
 Distance = Literal["euclidean", "cosine"]
 ValueInit = Literal["warm", "cold"]
 OverlapRule = Literal["halve", "keep_positives"]
+# The image part's weight in keys when `image_key_weight` is not given (chosen on the seed-0
+# development file; docs/decisions.md).
+DEFAULT_IMAGE_KEY_WEIGHT = 0.5
 
 
 def _check_choice(name: str, value: object, literal: Any) -> None:
@@ -58,8 +61,9 @@ class EditConfig:
     # (cosine distance only): that input, L2-normalised, followed by the mean of the image's
     # features as the text decoder receives them (a vision-language model's projector output),
     # L2-normalised and scaled by this weight, so that a key also sees what the image shows when
-    # the layer's input barely does (bench/README.md, "Scope keys").
-    image_key_weight: float = 0.0
+    # the layer's input barely does (bench/README.md, "Scope keys"). None: DEFAULT_IMAGE_KEY_WEIGHT
+    # on a vision-language model with cosine distance, else 0 (`image_key_weight_for`).
+    image_key_weight: float | None = None
     max_answer_tokens: int = 64  # answer tokens incl. end of sequence
     max_new_tokens: int = 64
     seed: int = 0
@@ -75,10 +79,11 @@ class EditConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not self.stop_margin >= 0.0:
             raise ConfigError(f"stop_margin must be 0 or more, got {self.stop_margin}")
-        if not self.image_key_weight >= 0.0:
-            raise ConfigError(f"image_key_weight must be 0 or more, got {self.image_key_weight}")
-        if self.image_key_weight > 0 and self.distance != "cosine":
-            raise ConfigError("image_key_weight needs distance='cosine' (the key's parts are normalised)")
+        if self.image_key_weight is not None:
+            if not self.image_key_weight >= 0.0:
+                raise ConfigError(f"image_key_weight must be 0 or more, got {self.image_key_weight}")
+            if self.image_key_weight > 0 and self.distance != "cosine":
+                raise ConfigError("image_key_weight needs distance='cosine' (the key's parts are normalised)")
         if not self.initial_radius > 0:
             raise ConfigError(f"initial_radius must be positive, got {self.initial_radius}")
         for name in ("max_steps", "max_answer_tokens", "max_new_tokens"):
@@ -108,6 +113,12 @@ class EditConfig:
             values = {"distance": "euclidean", "value_init": "cold", "lr": 1.0, "early_stop": False,
                       **values}
         return cls(**values)
+
+    def image_key_weight_for(self, vision_language: bool) -> float:
+        """The image part's weight in keys on a model with (or without) images."""
+        if self.image_key_weight is not None:
+            return float(self.image_key_weight)
+        return DEFAULT_IMAGE_KEY_WEIGHT if vision_language and self.distance == "cosine" else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

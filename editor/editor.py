@@ -95,9 +95,10 @@ class Editor:
                 f"layer {self.layer!r} already carries a codebook adapter; close() the other Editor first"
             )
         input_size, output_size = layer_sizes(base)
-        image = self._image_features() if self.config.image_key_weight > 0 else None
+        weight = self._image_key_weight(self.config)
+        image = self._image_features() if weight > 0 else None
         key_size = input_size + (image[1] if image is not None else 0)
-        key = f"layer+image*{self.config.image_key_weight:g}" if image is not None else "layer"
+        key = f"layer+image*{weight:g}" if image is not None else "layer"
         self.spec = CodebookSpec(backbone.model_id, self.layer, key_size, output_size,
                                  self.config.distance, key)
         if codebook is None:
@@ -108,7 +109,10 @@ class Editor:
         self._pool: _PoolIndex | None = None
         self.adapter: CodebookAdapter = install(backbone.model, self.layer, codebook)
         if image is not None:
-            self.adapter.attach_image_features(image[0], image[1], self.config.image_key_weight)
+            self.adapter.attach_image_features(image[0], image[1], weight)
+
+    def _image_key_weight(self, config: EditConfig) -> float:
+        return config.image_key_weight_for(bool(self.backbone.family.image_features))
 
     def _image_features(self) -> tuple[torch.nn.Module, int]:
         """The module whose output is the image as the text decoder receives it, and its width."""
@@ -144,12 +148,16 @@ class Editor:
 
         The method and the distance stay: the codebook's keys and radii were made under them."""
         config = EditConfig.from_dict({"method": self.config.method, **hparams})
-        for name in ("method", "distance", "image_key_weight"):
+        for name in ("method", "distance"):
             if getattr(config, name) != getattr(self.config, name):
                 raise IncompatibleCodebookError(
                     f"{name} cannot change from {getattr(self.config, name)!r} to {getattr(config, name)!r}: "
                     "the codebook was built under it"
                 )
+        if self._image_key_weight(config) != self._image_key_weight(self.config):
+            raise IncompatibleCodebookError(
+                f"image_key_weight cannot change from {self._image_key_weight(self.config):g} to "
+                f"{self._image_key_weight(config):g}: the codebook's keys were made under it")
         self.config = config
         if reference_pool is not None:
             self.reference_pool = list(reference_pool)

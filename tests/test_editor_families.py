@@ -333,9 +333,13 @@ def test_image_aware_keys_on_each_vision_family_and_refused_on_text_models(famil
     if not needs_image(family):
         with pytest.raises(editor.EditorError, match="needs a vision-language model"):
             Editor(backbone, image_key_weight=0.5)
+        with Editor(backbone) as default:  # the default has no image part on a text model
+            assert default.spec.key == "layer"
         return
+    with Editor(backbone) as default:
+        assert default.spec.key == "layer+image*0.5"
     red, blue = image((230, 20, 20)), image((20, 20, 230))
-    with Editor(backbone) as plain:
+    with Editor(backbone, image_key_weight=0) as plain:
         layer_keys = plain.keys([backbone.query(red, QUESTION), backbone.query(blue, QUESTION)])
     with Editor(backbone, image_key_weight=0.5) as ed:
         assert ed.spec.key == "layer+image*0.5" and ed.spec.input_size > layer_keys.shape[1]
@@ -347,5 +351,5 @@ def test_image_aware_keys_on_each_vision_family_and_refused_on_text_models(famil
         ed.apply(Fact(red, QUESTION, "oblong box", rephrases=REPHRASES))
         assert ed.answer(red, QUESTION) == "oblong box"
         book = ed.codebook
-    with Editor(backbone) as plain, pytest.raises(IncompatibleCodebookError, match="key="):
+    with Editor(backbone, image_key_weight=0) as plain, pytest.raises(IncompatibleCodebookError, match="key="):
         plain.load_codebook(book)
