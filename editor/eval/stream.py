@@ -833,19 +833,22 @@ def _stream_line(point: dict[str, Any]) -> str:
 
 
 def format_stream_table(report: dict[str, Any]) -> str:
-    """A markdown table of the checkpoints (exact match, percent)."""
+    """A markdown table of the checkpoints (exact match, percent; seconds are means over the
+    operations so far, "s/edit" over the new facts and supersedes alone)."""
     head = (
         "| operations | live facts | entries | Acc | T-Gen | I-Gen | Loc (untouched) | HM | superseded | "
-        "retracted | spliced | s/op |"
+        "retracted | spliced | s/op | s/edit |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for p in report["checkpoints"]:
         e = p["exact"]
         cells = [e.get(k) for k in ("acc", "t_gen", "i_gen", "loc", "hm", "superseded", "retracted")]
         text = ["-" if v is None else f"{v:.1f}" for v in cells]
+        edits = [o["seconds"] for o in report["ops"] if o["n"] <= p["after"] and o["op"] != "retract"]
+        per_edit = f"{statistics.fmean(edits):.3f}" if edits else "-"
         lines.append(
             f"| {p['after']} | {p['live_facts']} | {p.get('codebook_entries', '-')} | "
             + " | ".join(text)
-            + f" | {p['spliced']} | {p['seconds_per_op']:.3f} |"
+            + f" | {p['spliced']} | {p['seconds_per_op']:.3f} | {per_edit} |"
         )
     return "\n".join(lines)
