@@ -708,6 +708,8 @@ def run_stream(
                     **details,
                 }
             )
+            if op.number % 50 == 0:
+                say(f"[{op.number}/{len(stream.ops)}] {len(editor.codebook)} entries, last {op.kind} {seconds:.2f}s")
             if op.number in by_after:
                 point = _score(method, by_after[op.number], unedited, answers_so_far, images, op_rows)
                 point["codebook_entries"] = len(editor.codebook)
