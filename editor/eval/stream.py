@@ -24,8 +24,9 @@ knowledge base makes room before it grows), so once the space fills, new facts a
 even out. A retracted fact's scope takes no new fact for `StreamConfig.cooldown` operations, so
 that checkpoints find retracted scopes to probe. `build.json` records the realised mix.
 
-Images are split once, seeded: operation images (facts' own images, their negatives and the
-editor's reference pool) and probe images (in-scope probes and untouched probes), disjoint.
+Images are split once, seeded, into three disjoint parts: the editor's reference pool, operation
+images (facts' own images and their negatives) and probe images (in-scope and untouched probes).
+The first N operations of a longer stream (and its pool) are the stream of N operations.
 
 The file (JSON Lines, image paths relative to it) holds ``op`` records in order and, after the
 operation it follows, a ``checkpoint`` record with every probe to score there and what it expects:
@@ -154,6 +155,13 @@ class _StreamPlanner:
         self.rng.shuffle(ordered)
         cut = int(len(ordered) * config.probe_share)
         self.probe_images, self.op_images = ordered[:cut], ordered[cut:]
+        # The reference pool comes first, apart from the facts' images, so that the first N
+        # operations of a longer stream are the stream of N operations, pool included.
+        pooled = self.op_images[: config.pool_size]
+        self.op_images = self.op_images[config.pool_size :]
+        self.pool = [
+            Probe(im.path, *self.rng.choice(sorted(im.questions))) for im in sorted(pooled, key=lambda im: im.image_id)
+        ]
         self.reserved_shape = self.rng.choice(SHAPES)
         self.reserved_colours = tuple(sorted(self.rng.sample(COLOURS, 2)))
         self.probe_picker = _Picker(self.probe_images, self.rng)
@@ -334,11 +342,6 @@ class _StreamPlanner:
         probes += [_probe_json("untouched", None, p) for p in untouched]
         return {"type": "checkpoint", "after": after, "live": sorted(self.live), "probes": probes}
 
-    def reference_pool(self, used: set[Path]) -> list[Probe]:
-        spare = [im for im in self.op_images if im.path not in used]
-        chosen = sorted(self.rng.sample(spare, min(self.config.pool_size, len(spare))), key=lambda im: im.image_id)
-        return [Probe(im.path, *self.rng.choice(sorted(im.questions))) for im in chosen]
-
 
 def _scope_json(scope: FactScope) -> dict[str, Any]:
     return {"attribute": scope.attribute, "kind": scope.kind, "shape": scope.shape, "colour": scope.colour}
@@ -370,9 +373,7 @@ def plan_stream(
         live_counts.append(len(planner.live))
         if number in points:
             records.append(planner.checkpoint(number, untouched))
-    used = {r["fact"].image for r in records if "fact" in r}
-    used |= {n.image for r in records if "fact" in r for n in r["fact"].negatives}
-    pool = planner.reference_pool(used)  # type: ignore[arg-type]
+    pool = planner.pool
     ops = [r for r in records if r["type"] == "op"]
     summary = {
         "source": "easy-VQA TRAIN split",
