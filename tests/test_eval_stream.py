@@ -69,6 +69,15 @@ def test_the_same_seed_gives_the_same_stream_and_another_seed_another(images):
     assert first != other
 
 
+def test_a_shorter_stream_is_a_prefix_of_a_longer_one(images):
+    """So that a quick run of the first N operations measures what the long run starts with."""
+    long, long_pool, _ = plan_stream(images, CONFIG)
+    short, short_pool, _ = plan_stream(images, StreamConfig(seed=0, ops=100, checkpoints=(10, 100)))
+    assert short_pool == long_pool
+    cut = next(i for i, r in enumerate(long) if r["type"] == "checkpoint" and r["after"] == 100) + 1
+    assert short == long[:cut]
+
+
 def test_mix_and_checkpoints(built):
     out, summary, stream = built
     kinds = Counter(op.kind for op in stream.ops)

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         "what it expects), reference_pool.jsonl, img/ and build.json (the realised mix) into --out. "
         "Live facts of one question type cover disjoint scopes (at most 34 at once: one shape and two "
         "colours are kept for the untouched probes), so once the space fills a drawn new fact becomes a "
-        "retraction; build.json gives the realised mix (seed 0, 1,000 operations: 430 new, 228 supersede, "
-        "342 retract). Score it with `kbctl eval-stream OUT/stream.jsonl`. See editor/eval/stream.py for "
+        "retraction; build.json gives the realised mix (seed 0, 1,000 operations: 423 new, 249 supersede, "
+        "328 retract). Score it with `kbctl eval-stream OUT/stream.jsonl`. See editor/eval/stream.py for "
         "the design.",
         epilog="Example: python -m editor.eval build-stream --ops 1000 --seed 0 --out bench/stream",
     )
