@@ -50,3 +50,44 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+STREAM_SERIES = (*SERIES, ("superseded", "superseded"), ("retracted", "retracted"))
+
+
+def plot_stream(report: dict[str, Any], path: str | Path) -> Path:
+    """Two panels of an operation stream's checkpoints: the metrics (exact match) and seconds per
+    operation, against the number of operations (log scale); returns the written path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise EvalError("--plot needs matplotlib: pip install matplotlib") from exc
+    points = report.get("checkpoints") or []
+    if not points:
+        raise EvalError("the report has no checkpoints to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    operations = [point["after"] for point in points]
+    figure, (metrics, seconds) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for key, label in STREAM_SERIES:
+        values = [point["exact"].get(key) for point in points]
+        if any(v is not None for v in values):
+            metrics.plot(operations, [float("nan") if v is None else v for v in values], marker="o", label=label)
+    metrics.set_title("exact match at each checkpoint")
+    metrics.set_ylim(-2, 102)
+    metrics.set_ylabel("percent")
+    metrics.legend(loc="lower left", fontsize="small")
+    seconds.plot(operations, [point["seconds_per_op"] for point in points], marker="o")
+    seconds.set_title("seconds per operation (mean so far)")
+    for axis in (metrics, seconds):
+        axis.set_xscale("log")
+        axis.set_xlabel("operations applied")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{report.get('method')} on {Path(str(report.get('stream_file'))).name}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
