@@ -17,7 +17,7 @@ import click
 
 from kb_daemon.config import DEFAULT_MODEL, Settings
 from kb_daemon.errors import KbError
-from kb_daemon.eval_command import eval_command
+from kb_daemon.eval_command import eval_command, eval_stream_command
 
 if TYPE_CHECKING:
     from kb_daemon.service import JobOutcome, Queued, Service
@@ -1072,6 +1072,7 @@ def demo(new_name: str) -> None:
 
 
 cli.add_command(eval_command)
+cli.add_command(eval_stream_command)
 
 EXIT_HELD = 3  # `ingest --wait`: the batch's version was held by the canary gate
 

@@ -690,11 +690,10 @@ def run_stream(
                     negatives=tuple(Negative(image=images(n.image)) for n in spec.negatives),
                     fact_id=op.fact_id,
                 )
-                for old in op.target_ids:  # supersede; with Editor.apply(fact, supersedes=[...]): one call
-                    editor.retract(old)
-                edit = editor.apply(fact)
+                edit = editor.apply(fact, supersedes=list(op.target_ids))
                 answers_so_far.add(_norm(spec.answer))
-                details = {"radius": edit.radius, "steps": edit.steps, "split_with": list(edit.split_with)}
+                details = {"radius": edit.radius, "steps": edit.steps, "split_with": list(edit.split_with),
+                           "conflicts": [c.to_dict() for c in edit.conflicts]}
             else:
                 editor.retract(op.target_ids[0])
             seconds = time.perf_counter() - tick
