@@ -318,7 +318,7 @@ def console_router(server: Server) -> APIRouter:
                 await call(open_image, data, "image" if i == 0 else f"negative image {i}", server.settings)
         rephrases = [line.strip() for line in str(form.get("rephrases", "")).splitlines() if line.strip()]
         fact = FactInput(image, str(form.get("question", "")), str(form.get("answer", "")), tuple(rephrases),
-                         tuple(negatives))
+                         tuple(negatives), supersedes=str(form.get("supersedes", "")).strip() or None)
         queued = await call(service.submit_fact, name, fact, actor=who.identity.name, source="ui")
         return RedirectResponse(f"/ui/models/{quote(name)}/jobs/{queued.job_id}", status_code=303)
 
