@@ -151,9 +151,12 @@ class ModelRuntime:
             try:
                 with db.session() as session:
                     model = get_model(session, snapshot.model_name)
+                    if model.id != snapshot.model_id:
+                        continue  # the model was deleted and its name registered again
+                    version = get_version(session, model, snapshot.number)
                     rows = manifest_at(session, model, snapshot.number)
                 started = time.perf_counter()
-                path = self.cache.write(snapshot, rows)
+                path = self.cache.write(snapshot, version, rows, model)
                 logger.info("model %s: version %d cached in %s (%.2f s)", snapshot.model_name, snapshot.number,
                             path, time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001  (a cache is optional: the database has it all)

@@ -1,22 +1,24 @@
-"""A local, derived cache of versions' codebook tensors: one packed safetensors file per version.
+"""A local, derived cache of versions' codebooks: one packed safetensors file per version.
 
 Materialising a version from the database reads, checks and decodes one blob per entry (about
-45 us each, bench/README.md). The cache keeps a version's stacked tensors in one file under
-`$KB_HOME/cache/codebooks/`, read in one go; the codebook's other fields (fact ids, answers,
-input ids, radii) are read from the database as plain columns every time, so the database stays
-the only source of truth. A file is used only when
+45 us each, bench/README.md). The cache keeps a version's codebook (stacked keys and values, the
+entries' ids, answers, input ids, base and effective radii) in one file under
+`$KB_HOME/cache/codebooks/`, read in one go, so a warm load reads one version row from the
+database and one file. The database stays the only source of truth. A file is used only when
 
-* its manifest digest equals the one recomputed from the version's rows: SHA-256 of the codebook
-  spec and the entries' blob digests in codebook order (the versions table's `content_sha256`
-  covers fact ids and base radii, not what the tensors are, so it cannot vouch for a file of
-  tensors; a blob digest can, since a blob is named by the SHA-256 of its bytes);
+* its version key equals the one computed from the version's row: SHA-256 of the model's id, name
+  and codebook spec and the version's number, entry count, creation time and `content_sha256`
+  (the ordered fact ids, blob digests and base radii of its entries). A committed version never
+  changes (its spans' radii included), so this row names its content; another database, or a
+  database restored from a backup that recreated version N, gives another key;
 * its layout is exactly what this module writes (names, dtypes, shapes, offsets that tile the
-  data; a truncated file fails here);
-* its payload digest matches: SHA-256 of each 64 MiB chunk of the data, hashed in threads, then
-  SHA-256 of the chunk digests (a flipped byte fails here).
+  data; a truncated or padded file fails here);
+* its payload digest matches: SHA-256 of each 64 MiB chunk of the data (tensors and the records'
+  JSON), hashed in threads, then SHA-256 of the chunk digests (a flipped byte fails here).
 
 Anything else (missing, stale, truncated, corrupted, foreign) is logged, deleted and rebuilt from
-the database by the caller. Nothing is unpickled. Writes go to a temporary file renamed into
+the database by the caller. Nothing is unpickled. The writer takes the records and radii from the
+database rows of the version, not from the codebook. Writes go to a temporary file renamed into
 place, so a reader sees a whole file or none; a crash before the rename leaves a temporary file
 that `prune` deletes once it is an hour old. Each model keeps the `keep_versions` most recently
 written files. Deleting the directory (`clear`) is always safe.
@@ -41,8 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from kb_daemon.models import Model
-from kb_daemon.snapshots import ManifestRow, Materialised, collector_paused, manifest_at, materialise_from
+from kb_daemon.models import Model, Version, as_utc
+from kb_daemon.snapshots import (
+    ManifestRow,
+    Materialised,
+    collector_paused,
+    get_version,
+    materialise_from,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import editor
@@ -53,14 +61,19 @@ FORMAT_NAME = "kb-daemon-codebook-cache"
 FORMAT_VERSION = "1"
 CHUNK_BYTES = 64 << 20  # the payload digest's chunk: hashed in parallel, each a few tens of ms
 TEMPORARY_MAX_AGE_SECONDS = 3600.0
-_DTYPES = {"F32": 4, "I64": 8}  # what this module writes: value_lengths I64, keys and values F32
+_DTYPES = {"I64": 8, "F64": 8, "F32": 4, "U8": 1}
+# name -> (dtype, rank), in file order (8-byte types first, so every tensor is aligned)
+_TENSORS = {"entry_ids": ("I64", 1), "value_lengths": ("I64", 1), "base_radii": ("F64", 1),
+            "radii": ("F32", 1), "keys": ("F32", 2), "values": ("F32", 2), "records": ("U8", 1)}
 
 
-def manifest_digest(spec: dict[str, Any], rows: Sequence[ManifestRow]) -> str:
-    """SHA-256 of the codebook spec and the entries' blob digests in codebook order."""
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    digest.update("\n".join(row.blob_sha256 for row in rows).encode())
-    return digest.hexdigest()
+def version_key(model: Model, version: Version) -> str:
+    """What a cache file must have been written for (see the module docstring)."""
+    created = as_utc(version.created_at)
+    record = {"model_id": model.id, "model": model.name, "spec": model.spec, "number": version.number,
+              "num_entries": version.num_entries, "content_sha256": version.content_sha256,
+              "created_at": created.isoformat() if created is not None else None}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def payload_digest(data: memoryview, threads: int | None = None) -> str:
@@ -147,25 +160,22 @@ class CodebookCache:
 
     # ----- reading ------------------------------------------------------------------------
     def load(self, session: Session, model: Model, number: int) -> Materialised | None:
-        """Version `number`'s codebook from its cache file, checked against the database's rows;
+        """Version `number`'s codebook from its cache file, checked against the version's row;
         None (the file logged and deleted when it exists) when it cannot be used."""
         path = self.path(model, number)
-        if not path.exists():
+        if not path.exists() or model.spec is None:
             return None
-        rows = manifest_at(session, model, number)
-        if model.spec is None or any(row.radius is None for row in rows):
-            return None  # radii replayed by the editor: materialise_from handles those versions
+        key = version_key(model, get_version(session, model, number))
         try:
             with collector_paused():
-                codebook = self._read(path, model, rows)
-        except (CacheMiss, OSError, ValueError) as exc:
+                return self._read(path, model, key)
+        except (CacheMiss, OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("codebook cache %s not used (%s); loading version %d from the database",
                            path, exc, number)
             path.unlink(missing_ok=True)
             return None
-        return Materialised(codebook, [row.entry_id for row in rows], 0)
 
-    def _read(self, path: Path, model: Model, rows: Sequence[ManifestRow]) -> editor.Codebook:
+    def _read(self, path: Path, model: Model, key: str) -> Materialised:
         import torch
 
         from editor.codebook import Codebook, CodebookSpec
@@ -187,63 +197,81 @@ class CodebookCache:
             raise CacheMiss("not a codebook cache file")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CacheMiss(f"format version {meta.get('format_version')!r}, this reads {FORMAT_VERSION}")
-        if meta.get("manifest_sha256") != manifest_digest(model.spec, rows):
-            raise CacheMiss("stale: written for other entries or another spec")
-        n, din, dout = len(rows), int(model.spec["input_size"]), int(model.spec["output_size"])
+        if meta.get("version_key") != key:
+            raise CacheMiss("stale: written for another version row")
+        din, dout = int(model.spec["input_size"]), int(model.spec["output_size"])
         payload = view[8 + header_size :]
-        layout = _check_layout(header, len(payload), n, din, dout)
+        layout = _check_layout(header, len(payload), din, dout)
         if payload_digest(payload) != meta.get("payload_sha256"):
             raise CacheMiss("corrupted: payload digest differs")
         base = 8 + header_size
+        dtypes = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "U8": torch.uint8}
 
-        def tensor(name: str, dtype: Any) -> Any:
+        def tensor(name: str) -> Any:
             begin, end, shape = layout[name]
-            count = (end - begin) // _DTYPES[header[name]["dtype"]]
+            dtype = _TENSORS[name][0]
+            count = (end - begin) // _DTYPES[dtype]
             if count == 0:
-                return torch.zeros(shape, dtype=dtype)
-            return torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin).view(shape)
+                return torch.zeros(shape, dtype=dtypes[dtype])
+            return torch.frombuffer(data, dtype=dtypes[dtype], count=count, offset=base + begin).view(shape)
 
-        lengths = tensor("value_lengths", torch.int64).tolist()
+        records = json.loads(bytes(payload[layout["records"][0] : layout["records"][1]]))
+        fact_ids, answers, input_ids = records["fact_ids"], records["answers"], records["input_ids"]
+        n = layout["keys"][2][0]
+        if not len(fact_ids) == len(answers) == len(input_ids) == n:
+            raise CacheMiss("records do not match the tensors")
+        lengths = tensor("value_lengths").tolist()
         if any(length < 1 for length in lengths):
             raise CacheMiss("an entry with no value rows")
-        keys, values = tensor("keys", torch.float32), tensor("values", torch.float32)
         starts = [0, *accumulate(lengths)][:n]
-        radii = torch.tensor([row.radius for row in rows], dtype=torch.float32)  # (N,)
-        return Codebook.from_stores(
-            CodebookSpec(**model.spec), dict(model.hparams),
-            [(row.fact_id, row.answer, row.input_id) for row in rows], keys, values,
-            list(zip(starts, lengths, strict=True)), [row.base_radius for row in rows], radii)
+        codebook = Codebook.from_stores(
+            CodebookSpec(**model.spec), dict(model.hparams), list(zip(fact_ids, answers, input_ids, strict=True)),
+            tensor("keys"), tensor("values"), list(zip(starts, lengths, strict=True)),
+            tensor("base_radii").tolist(), tensor("radii"))
+        return Materialised(codebook, tensor("entry_ids").tolist(), 0)
 
     # ----- writing ------------------------------------------------------------------------
-    def write(self, snapshot: Snapshot, rows: Sequence[ManifestRow]) -> Path:
-        """Write `snapshot` (whose entries are `rows`, in order) atomically, then prune."""
+    def write(self, snapshot: Snapshot, version: Version, rows: Sequence[ManifestRow], model: Model) -> Path:
+        """Write `snapshot` of `version` atomically, with the records and radii of `rows` (the
+        version's rows, which must name the captured entries in order), then prune."""
         import numpy
 
         if [row.fact_id for row in rows] != snapshot.fact_ids:
             raise CacheMiss(f"version {snapshot.number} holds other entries than the captured codebook")
-        lengths = numpy.array([v.shape[0] for v in snapshot.values], dtype="<i8")
+        if any(row.radius is None for row in rows):
+            raise CacheMiss(f"version {snapshot.number} has spans without radii (replayed when loaded)")
+        arrays = {
+            "entry_ids": numpy.array([row.entry_id for row in rows], dtype="<i8"),
+            "value_lengths": numpy.array([v.shape[0] for v in snapshot.values], dtype="<i8"),
+            "base_radii": numpy.array([row.base_radius for row in rows], dtype="<f8"),
+            "radii": numpy.array([row.radius for row in rows], dtype="<f4"),
+        }
+        records = json.dumps({"fact_ids": snapshot.fact_ids, "answers": [row.answer for row in rows],
+                              "input_ids": [row.input_id for row in rows]}).encode()
         n, din = snapshot.keys.shape
-        total_rows = int(lengths.sum())
+        total_rows = int(arrays["value_lengths"].sum())
         dout = int(snapshot.spec["output_size"])
 
         def raw(array: Any) -> memoryview:  # the bytes of a C-contiguous array, no copy
             return memoryview(array.reshape(-1).view(numpy.uint8))
 
-        pieces = [raw(lengths), raw(snapshot.keys.contiguous().numpy())]
-        pieces += [raw(v.contiguous().numpy()) for v in snapshot.values]
-        digest = _ChunkedDigest()
-        for piece in pieces:
-            digest.update(piece)
-        offsets = [0, 8 * n, 8 * n + 4 * n * din, 8 * n + 4 * n * din + 4 * total_rows * dout]
-        header: dict[str, Any] = {
-            "__metadata__": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                             "manifest_sha256": manifest_digest(snapshot.spec, rows),
-                             "payload_sha256": digest.hexdigest(), "model": snapshot.model_name,
-                             "version": str(snapshot.number), "entries": str(n)},
-            "value_lengths": {"dtype": "I64", "shape": [n], "data_offsets": offsets[0:2]},
-            "keys": {"dtype": "F32", "shape": [n, din], "data_offsets": offsets[1:3]},
-            "values": {"dtype": "F32", "shape": [total_rows, dout], "data_offsets": offsets[2:4]},
-        }
+        pieces: dict[str, list[memoryview]] = {name: [raw(array)] for name, array in arrays.items()}
+        pieces["keys"] = [raw(snapshot.keys.contiguous().numpy())]
+        pieces["values"] = [raw(v.contiguous().numpy()) for v in snapshot.values]
+        pieces["records"] = [memoryview(records)]
+        shapes = {"entry_ids": [n], "value_lengths": [n], "base_radii": [n], "radii": [n], "keys": [n, din],
+                  "values": [total_rows, dout], "records": [len(records)]}
+        header: dict[str, Any] = {}
+        digest, offset = _ChunkedDigest(), 0
+        for name, (dtype, _rank) in _TENSORS.items():
+            size = sum(len(piece) for piece in pieces[name])
+            header[name] = {"dtype": dtype, "shape": shapes[name], "data_offsets": [offset, offset + size]}
+            offset += size
+            for piece in pieces[name]:
+                digest.update(piece)
+        header["__metadata__"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                                  "version_key": version_key(model, version), "payload_sha256": digest.hexdigest(),
+                                  "model": snapshot.model_name, "version": str(snapshot.number), "entries": str(n)}
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
         folder = self.model_dir(snapshot.model_id, snapshot.model_name)
@@ -254,8 +282,9 @@ class CodebookCache:
             with open(temporary, "wb") as out:
                 out.write(len(encoded).to_bytes(8, "little"))
                 out.write(encoded)
-                for piece in pieces:
-                    out.write(piece)
+                for name in _TENSORS:
+                    for piece in pieces[name]:
+                        out.write(piece)
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -309,20 +338,19 @@ def _read_file(path: Path) -> bytearray:
     return data
 
 
-def _check_layout(header: dict[str, Any], payload_bytes: int, n: int, din: int,
+def _check_layout(header: dict[str, Any], payload_bytes: int, din: int,
                   dout: int) -> dict[str, tuple[int, int, list[int]]]:
-    """The three tensors' (begin, end, shape), checked against the entry count and the layer sizes;
-    their byte ranges must tile the payload exactly (a truncated or padded file fails)."""
-    if set(header) != {"value_lengths", "keys", "values"}:
+    """Each tensor's (begin, end, shape), checked against the layer sizes and each other; their
+    byte ranges must tile the payload exactly (a truncated or padded file fails)."""
+    if set(header) != set(_TENSORS):
         raise CacheMiss(f"unexpected tensors {sorted(header)}")
-    expected = {"value_lengths": ("I64", 1), "keys": ("F32", 2), "values": ("F32", 2)}
     layout: dict[str, tuple[int, int, list[int]]] = {}
-    for name, (dtype, ndim) in expected.items():
+    for name, (dtype, rank) in _TENSORS.items():
         info = header[name]
         if not isinstance(info, dict) or info.get("dtype") != dtype:
             raise CacheMiss(f"{name}: not {dtype}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or len(shape) != ndim or not all(isinstance(d, int) and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or len(shape) != rank or not all(isinstance(d, int) and d >= 0 for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) for o in offsets)):
             raise CacheMiss(f"{name}: malformed shape or offsets")
@@ -330,7 +358,9 @@ def _check_layout(header: dict[str, Any], payload_bytes: int, n: int, din: int,
         if end - begin != math.prod(shape) * _DTYPES[dtype]:
             raise CacheMiss(f"{name}: {end - begin} bytes for shape {shape}")
         layout[name] = (begin, end, shape)
-    if layout["value_lengths"][2] != [n] or layout["keys"][2] != [n, din] or layout["values"][2][1:] != [dout]:
+    n = layout["keys"][2][0]
+    if (layout["keys"][2][1] != din or layout["values"][2][1] != dout
+            or any(layout[name][2] != [n] for name in ("entry_ids", "value_lengths", "base_radii", "radii"))):
         raise CacheMiss(f"shapes do not fit {n} entries of layer {din} -> {dout}")
     spans = sorted((begin, end) for begin, end, _shape in layout.values())
     if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)) \

@@ -20,7 +20,7 @@ from kb_daemon.config import Settings
 from kb_daemon.db import Database
 from kb_daemon.queue import FactInput, get_model, lock_model, record_fact, register_model
 from kb_daemon.snapshot_cache import CodebookCache, capture, load_version
-from kb_daemon.snapshots import commit_version, entry_rows_for, manifest_at, materialise, store_entry
+from kb_daemon.snapshots import commit_version, entry_rows_for, get_version, manifest_at, materialise, store_entry
 
 HEAD_ENTRIES = 200
 
@@ -84,7 +84,7 @@ def write(db, cache, number):
         model = get_model(session, "tiny")
         snapshot = capture(model, number, materialise(session, model, number))
         assert snapshot is not None
-        return cache.write(snapshot, manifest_at(session, model, number))
+        return cache.write(snapshot, get_version(session, model, number), manifest_at(session, model, number), model)
 
 
 def load(db, cache, number, held=None):
@@ -118,6 +118,7 @@ def test_the_cache_file_is_plain_safetensors(history, cache):
     expected = database_codebook(db, HEAD_ENTRIES)
     with safe_open(str(path), framework="pt") as opened:
         assert torch.equal(opened.get_tensor("keys"), expected.keys)
+        assert torch.equal(opened.get_tensor("radii"), expected.radii)
         assert opened.metadata()["entries"] == str(HEAD_ENTRIES)
 
 
