@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from kb_daemon.config import Settings
 from kb_daemon.models import Fact, Model
 from kb_daemon.queue import get_model
-from kb_daemon.snapshot_cache import CodebookCache, Snapshot, capture, load_version
+from kb_daemon.snapshot_cache import CodebookCache, LoadSource, Snapshot, capture, load_version
 from kb_daemon.snapshots import get_blob, get_version, manifest_at, set_spec
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ class VersionLoad:
     "cache" (the local cache file) or "database" (every blob)."""
 
     number: int
-    source: str
+    source: LoadSource
     entries: int
     blobs_read: int
     seconds: float

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -61,6 +61,8 @@ FORMAT_NAME = "kb-daemon-codebook-cache"
 FORMAT_VERSION = "1"
 CHUNK_BYTES = 64 << 20  # the payload digest's chunk: hashed in parallel, each a few tens of ms
 TEMPORARY_MAX_AGE_SECONDS = 3600.0
+# Where a version's codebook came from (see `load_version`).
+LoadSource = Literal["reuse", "cache", "database"]
 _DTYPES = {"I64": 8, "F64": 8, "F32": 4, "U8": 1}
 # name -> (dtype, rank), in file order (8-byte types first, so every tensor is aligned)
 _TENSORS = {"entry_ids": ("I64", 1), "value_lengths": ("I64", 1), "base_radii": ("F64", 1),
@@ -370,7 +372,7 @@ def _check_layout(header: dict[str, Any], payload_bytes: int, din: int,
 
 
 def load_version(session: Session, model: Model, number: int, cache: CodebookCache | None,
-                 held: editor.Codebook | None = None) -> tuple[Materialised, str]:
+                 held: editor.Codebook | None = None) -> tuple[Materialised, LoadSource]:
     """Version `number`'s codebook and where it came from: "reuse" when `held` (a codebook equal
     to a stored version of this model) is given, reading only the blobs of entries it lacks;
     else "cache" when the cache file is usable; else "database" (every blob read and checked)."""
