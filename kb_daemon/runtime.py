@@ -104,9 +104,9 @@ class ModelRuntime:
         set_spec(session, model, self.spec)
 
     def use_version(self, session: Session, model: Model, number: int) -> None:
-        """Load version `number`'s codebook unless it is loaded. From a loaded version only the
-        changed entries' blobs are read; otherwise the cache file is used when it checks out, else
-        every blob is read from the database (see kb_daemon.snapshot_cache.load_version)."""
+        """Load version `number`'s codebook unless it is loaded: from its cache file when it
+        checks out, else from the loaded version reading only the changed entries' blobs, else
+        every blob from the database (see kb_daemon.snapshot_cache.load_version)."""
         if self.version == number:
             return
         held = self.editor.codebook if self.version is not None else None
