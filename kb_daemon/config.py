@@ -55,6 +55,9 @@ class Settings:
     # Signs the operator console's session cookies. Servers behind one load balancer need the same
     # value; unset, each server keeps a random one in $KB_HOME/session-secret.
     session_secret: str | None = None
+    # Packed codebook files kept per model in $KB_HOME/cache/codebooks (derived from the database,
+    # so that a start reads one file instead of a blob per entry); 0: no cache.
+    codebook_cache_versions: int = 2
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -73,7 +76,8 @@ class Settings:
                 except ValueError as exc:
                     raise InvalidInput(f"{key} must be a number of seconds, got {env[key]!r}") from exc
         for name, key, least in (("batch_checkpoint_facts", "KB_BATCH_CHECKPOINT_FACTS", 1),
-                                 ("worker_restart_facts", "KB_WORKER_RESTART_FACTS", 0)):
+                                 ("worker_restart_facts", "KB_WORKER_RESTART_FACTS", 0),
+                                 ("codebook_cache_versions", "KB_CODEBOOK_CACHE_VERSIONS", 0)):
             if env.get(key):
                 try:
                     overrides[name] = max(least, int(env[key]))

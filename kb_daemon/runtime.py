@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,8 @@ from sqlalchemy.orm import Session
 from kb_daemon.config import Settings
 from kb_daemon.models import Fact, Model
 from kb_daemon.queue import get_model
-from kb_daemon.snapshots import get_blob, get_version, materialise, set_spec
+from kb_daemon.snapshot_cache import CodebookCache, LoadSource, Snapshot, capture, load_version
+from kb_daemon.snapshots import get_blob, get_version, manifest_at, set_spec
 
 if TYPE_CHECKING:
     from kb_daemon.db import Database
@@ -82,6 +85,12 @@ class ModelRuntime:
         self.version: int | None = None
         self.hparams = dict(model.hparams)
         self.reference_pool = model.reference_pool
+        # Packed codebook files of recent versions ($KB_HOME/cache/codebooks), derived from the database.
+        self.cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+        self.last_load: VersionLoad | None = None  # how the current version's codebook was loaded
+        self._cache_lock = threading.Lock()
+        self._cache_writer: threading.Thread | None = None  # runs while writes are pending
+        self._cache_pending: tuple[Database, Snapshot] | None = None
 
     def configure(self, hparams: dict[str, Any], reference_pool: str | None) -> None:
         """Edit with these hyperparameters and this hard-negative pool from now on (`kbctl model set`)."""
@@ -95,10 +104,72 @@ class ModelRuntime:
         set_spec(session, model, self.spec)
 
     def use_version(self, session: Session, model: Model, number: int) -> None:
-        if self.version != number:
-            self.version = None  # unknown until the new codebook is in: a failed load reloads next time
-            self.editor.load_codebook(materialise(session, model, number))
-            self.version = number
+        """Load version `number`'s codebook unless it is loaded: from its cache file when it
+        checks out, else from the loaded version reading only the changed entries' blobs, else
+        every blob from the database (see kb_daemon.snapshot_cache.load_version)."""
+        if self.version == number:
+            return
+        held = self.editor.codebook if self.version is not None else None
+        self.version = None  # unknown until the new codebook is in: a failed load reloads next time
+        started = time.perf_counter()
+        loaded, source = load_version(session, model, number, self.cache, held)
+        self.editor.load_codebook(loaded.codebook)
+        self.version = number
+        self.last_load = VersionLoad(number, source, len(loaded.codebook), loaded.blobs_read,
+                                     time.perf_counter() - started)
+        logger.info("model %s: version %d loaded from the %s (%d entries, %d blobs read, %.2f s)", self.name,
+                    number, source, len(loaded.codebook), loaded.blobs_read, self.last_load.seconds)
+
+    def write_cache(self, db: Database, model: Model) -> None:
+        """Write the loaded version's cache file in a background thread unless it exists, so that
+        the next process to load this version reads one file. The codebook's tensors are captured
+        now (views: O(N) small objects); the digests and the writing happen in the thread, which
+        re-reads the version's rows and writes nothing when they are not the captured entries.
+        One thread writes at a time; a version captured while it writes replaces any other
+        waiting one, so a busy worker writes its latest version, not every one."""
+        number = self.version
+        if number is None or self.cache.keep_versions <= 0 or self.cache.path(model, number).exists():
+            return
+        snapshot = capture(model, number, self.editor.codebook)
+        if snapshot is None:
+            return
+        with self._cache_lock:
+            self._cache_pending = (db, snapshot)
+            if self._cache_writer is None:
+                # Not a daemon thread: a short-lived process (`kbctl ask`) finishes the write first.
+                self._cache_writer = threading.Thread(target=self._write_pending, name=f"codebook-cache-{self.name}")
+                self._cache_writer.start()
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._cache_lock:
+                pending, self._cache_pending = self._cache_pending, None
+                if pending is None:
+                    self._cache_writer = None
+                    return
+            db, snapshot = pending
+            try:
+                with db.session() as session:
+                    model = get_model(session, snapshot.model_name)
+                    if model.id != snapshot.model_id:
+                        continue  # the model was deleted and its name registered again
+                    version = get_version(session, model, snapshot.number)
+                    rows = manifest_at(session, model, snapshot.number)
+                started = time.perf_counter()
+                path = self.cache.write(snapshot, version, rows, model)
+                logger.info("model %s: version %d cached in %s (%.2f s)", snapshot.model_name, snapshot.number,
+                            path, time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001  (a cache is optional: the database has it all)
+                logger.warning("model %s: version %d not cached: %s", snapshot.model_name, snapshot.number, exc)
+
+    def wait_for_cache(self) -> None:
+        """Wait until the cache writes asked for so far are done."""
+        while True:
+            with self._cache_lock:
+                writer = self._cache_writer
+            if writer is None:
+                return
+            writer.join()
 
     def invalidate(self) -> None:
         """Forget the loaded version (after a failed job changed the in-memory codebook)."""
@@ -120,6 +191,18 @@ class ModelRuntime:
 
 
 RuntimeFor = Callable[[Model], ModelRuntime]
+
+
+@dataclass(frozen=True)
+class VersionLoad:
+    """How a runtime's codebook was loaded: source is "reuse" (from the version it held before),
+    "cache" (the local cache file) or "database" (every blob)."""
+
+    number: int
+    source: LoadSource
+    entries: int
+    blobs_read: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -156,4 +239,6 @@ def load_model(db: Database, model_name: str, version: int | None = None, *,
         number = head if version is None else version
         if load_codebook:
             runtime.use_version(session, model, number)
+    if load_codebook and runtime.last_load is not None and runtime.last_load.source == "database":
+        runtime.write_cache(db, model)
     return Loaded(runtime, model, head, number)

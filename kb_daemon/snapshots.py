@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
@@ -262,19 +262,51 @@ class Materialised:
 
 
 def materialise_from(session: Session, model: Model, number: int,
-                     known: Mapping[int, editor.codebook.Entry]) -> Materialised:
+                     known: Mapping[int, editor.codebook.Entry],
+                     known_facts: Mapping[str, editor.codebook.Entry] | None = None) -> Materialised:
     """The codebook of version `number`, reading only the blobs of entries not in `known` (entry
     row id -> tensors this process loaded before): moving a loaded version to a neighbour reads
-    the changed entries' blobs and every span's radius, not every blob."""
+    the changed entries' blobs and every span's radius, not every blob.
+
+    `known_facts` maps fact ids to tensors of a codebook that equals a stored version (a worker's
+    after its commit, whose entry row ids it never read): a fact has one entry row, so its tensors
+    are that row's."""
     get_version(session, model, number)
     with collector_paused():
         pairs = entries_and_radii_at(session, model, number)
         rows = [entry for entry, _radius in pairs]
+        if known_facts:
+            known = {**known, **{row.id: known_facts[row.fact_id] for row in rows
+                                 if row.id not in known and row.fact_id in known_facts}}
         radii = [radius for _entry, radius in pairs]
         stored = None if not pairs or None in radii else cast("list[float]", radii)
         codebook = codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored,
                                known=known)
         return Materialised(codebook, [row.id for row in rows], sum(1 for row in rows if row.id not in known))
+
+
+class ManifestRow(NamedTuple):
+    """What a version's codebook needs of one entry besides its tensors, read as plain columns."""
+
+    entry_id: int
+    fact_id: str
+    blob_sha256: str
+    answer: str
+    input_id: str
+    base_radius: float
+    radius: float | None  # the effective radius in the version; None on spans recorded before 0002
+
+
+def manifest_at(session: Session, model: Model, number: int) -> list[ManifestRow]:
+    """The entries of version `number` in codebook order as plain rows: no entity objects, no
+    blob (a derived cache of the tensors is checked against the blob digests)."""
+    get_version(session, model, number)
+    rows = session.execute(
+        select(Entry.id, Entry.fact_id, Entry.blob_sha256, Entry.answer, Entry.input_id, Entry.base_radius,
+               EntrySpan.radius).join(EntrySpan, EntrySpan.entry_id == Entry.id)
+        .where(*spans_at(model.id, number)).order_by(Entry.id)
+    )
+    return [ManifestRow(*row) for row in rows]
 
 
 def codebook_of(session: Session, model: Model, rows: Sequence[Entry], what: str,

@@ -30,6 +30,7 @@ CASES = {
                                   "markdown": False},
     "bench/console_pages.py": {"keys": {"benchmark", "pages", "versions", "machine"}, "markdown": False},
     "bench/lookup_index.py": {"keys": {"benchmark", "machine"}, "markdown": False},
+    "bench/version_loads.py": {"keys": {"benchmark", "rows", "per_entry_us", "machine"}, "markdown": True},
 }
 
 

@@ -71,7 +71,11 @@ class WorkerContext:
         return load_model(self.db, model_name, runtime_for=self.runtime_for, load_codebook=load_codebook)
 
     def close(self) -> None:
-        """Close the database's pooled connections (before the process executes itself again)."""
+        """Finish the codebook cache writes under way (the restarted process reads the head from
+        its cache file), then close the database's pooled connections (before the process
+        executes itself again)."""
+        for runtime in self.runtimes.values():
+            runtime.wait_for_cache()
         self.db.dispose()
 
 

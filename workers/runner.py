@@ -30,7 +30,7 @@ from kb_daemon.ingest import read_inputs
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
-from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, materialise, store_entry
+from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, store_entry
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,7 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
         outcome = commit(db, runtime, model_name, job_id, worker, head, change)
         # The job's appends are over: between jobs the codebook holds one exact copy of its tensors.
         runtime.editor.codebook.compact()
+        runtime.write_cache(db, model)  # in the background: the next start reads one file
         return outcome
     except DatabaseUnavailable:
         # Nothing was stored; the lease lapses and the job runs again once the database is back.
@@ -171,16 +172,15 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
 def execute(db: Database, runtime: ModelRuntime, model: Model, job: Job, worker: str, head: int,
             checkpoint_every: int = 20, effective: dict[str, Any] | None = None) -> Change:
     """Apply the job to the runtime's in-memory codebook; only batches write (checkpoints)."""
-    ed = runtime.editor
     change = Change(job.kind)
     if job.kind == "edit":
         _apply_fact(db, runtime, change, job.payload["fact_id"], job.id, steps_as_progress=True)
     elif job.kind == "retract":
         _retract(runtime, change, job.payload["fact_id"])
     elif job.kind == "rollback":
+        # From the version the runtime holds, only the entries that differ are read (O(changes)).
         with db.session() as session:
-            codebook = materialise(session, model, int(job.payload["version"]))
-        ed.load_codebook(codebook)
+            runtime.use_version(session, model, int(job.payload["version"]))
         change.result["rolled_back_to"] = int(job.payload["version"])
     elif job.kind == "batch":
         _run_batch(db, runtime, model, job, worker, head, change, checkpoint_every, effective)

@@ -1,0 +1,245 @@
+"""Version loads: the head cold (database only) and warm (cache file), and rollbacks, at 10k-100k entries.
+
+Per size N, one SQLite database of synthetic entries shaped like the demo model's edited layer
+(Din 512, Dout 128, 3-12 answer steps: 5.9 KB of float32 tensors per entry on average) and three
+versions, recorded by `commit_version` as a worker does: version 1 holds N - 100 entries, version 2
+adds 99, version 3 (the head) one more. The entries are written in bulk (facts, entry blobs and
+entry rows inserted with one statement per table), which is what makes 100k entries affordable
+to build. The keys are random normal vectors (pairwise distances about 32) and the base radii
+1-5, so no two balls overlap and the base radii are the effective radii stored on the spans.
+
+Measured, each a median of `--repeats` runs (the order of the operations is the same in every run):
+
+* cold: `snapshot_cache.load_version` with no cache, i.e. `materialise_from` reading every blob:
+  what `load_model` pays at a worker start, `kbctl ask` or a server start without a cache file;
+* cache write: what follows a load from the database (or a worker's commit): `capture` (on the
+  caller's thread) and `CodebookCache.write` (in a background thread in the runtime);
+* warm: `load_version` with the cache file present (read in one go from the page cache: the file
+  was just written, so this is not a cold disk read), i.e. the manifest rows from the database,
+  the file's layout and payload digest checked, the codebook built over the file's buffer;
+* rollback k: what a worker's rollback job does when it holds the head: `load_version` from the
+  held codebook to version 2 (k = 1) or 1 (k = 100), then the commit's database work
+  (`entry_rows_for` + `commit_version`, both outside this change), alternating back to the head.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/version_loads.py --sizes 10000,100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from machine import machine_facts  # bench/ is sys.path[0] when a script runs
+
+INPUT_SIZE, OUTPUT_SIZE = 512, 128  # the demo model's edited layer
+TAIL = 100  # entries added after the first version (99 by version 2, 1 by version 3)
+
+
+def build(home: Path, entries: int, seed: int) -> dict[str, Any]:
+    """The database described in the module docstring; returns what the measurements need."""
+    import torch
+    from sqlalchemy import insert
+
+    from editor.codebook import Entry as EditorEntry
+    from editor.codebook import entry_tensors_to_bytes
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database
+    from kb_daemon.models import Blob, Entry, Fact
+    from kb_daemon.queue import get_model, lock_model, register_model
+    from kb_daemon.snapshots import commit_version, entry_rows_for, sha256
+
+    url = f"sqlite:///{home / 'kb.sqlite3'}"
+    db = Database(Settings(home=home, database_url=url, broker_url="memory://"))
+    db.upgrade()
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    with db.session() as session:
+        model = register_model(session, "bench", "demo", actor="bench")
+        model.spec = {"model_id": "bench", "layer": "layer", "input_size": INPUT_SIZE,
+                      "output_size": OUTPUT_SIZE, "distance": "euclidean"}
+        model.hparams = {}
+    started = time.perf_counter()
+    fact_ids: list[str] = []
+    radii: list[float] = []
+    tensor_bytes = 0
+
+    def add_entries(session: Any, model_id: int, count: int) -> None:
+        nonlocal tensor_bytes
+        facts, blobs, rows = [], [], []
+        for _ in range(count):
+            i = len(fact_ids)
+            fact_id = f"f-{i:08d}"
+            steps = rng.randint(3, 12)
+            entry = EditorEntry(fact_id, f"answer {i}", f"input-{i}", torch.randn(INPUT_SIZE, generator=generator),
+                                torch.randn(steps, OUTPUT_SIZE, generator=generator), rng.uniform(1, 5))
+            data = entry_tensors_to_bytes(entry)
+            digest = sha256(data)
+            tensor_bytes += (INPUT_SIZE + steps * OUTPUT_SIZE) * 4
+            facts.append({"id": fact_id, "model_id": model_id, "question": f"question {i}?",
+                          "answer": f"answer {i}", "source": "bench", "actor": "bench", "status": "applied"})
+            blobs.append({"sha256": digest, "kind": "entry", "size": len(data), "data": data})
+            rows.append({"model_id": model_id, "fact_id": fact_id, "blob_sha256": digest,
+                         "answer": entry.answer, "input_id": entry.input_id, "base_radius": entry.base_radius})
+            fact_ids.append(fact_id)
+            radii.append(entry.base_radius)
+        for start in range(0, count, 5000):
+            session.execute(insert(Fact), facts[start : start + 5000])
+            session.execute(insert(Blob), blobs[start : start + 5000])
+            session.execute(insert(Entry), rows[start : start + 5000])
+
+    for added in (entries - TAIL, TAIL - 1, 1):
+        with db.session() as session:
+            model = lock_model(session, get_model(session, "bench").id)
+            add_entries(session, model.id, added)
+            commit_version(session, model, parent=model.head_version, kind="batch" if added > 1 else "edit",
+                           entries=entry_rows_for(session, model, fact_ids), radii=radii, actor="bench",
+                           source="bench", job_id=None, summary={})
+    return {"db": db, "home": home, "entries": entries, "head": 3, "tensor_bytes": tensor_bytes,
+            "build_seconds": round(time.perf_counter() - started, 1)}
+
+
+def timed(operation: Any, *args: Any) -> tuple[float, Any]:
+    """(seconds, result) of operation(*args)."""
+    tick = time.perf_counter()
+    result = operation(*args)
+    return time.perf_counter() - tick, result
+
+
+def measure(database: dict[str, Any], repeats: int) -> dict[str, Any]:
+    from kb_daemon.queue import get_model, lock_model
+    from kb_daemon.snapshot_cache import CodebookCache, capture, load_version
+    from kb_daemon.snapshots import commit_version, entry_rows_for, get_version, manifest_at
+
+    db, head = database["db"], database["head"]
+    cache = CodebookCache(database["home"] / "cache" / "codebooks", keep_versions=2)
+    samples: dict[str, list[float]] = {}
+    blobs: dict[str, list[int]] = {}
+
+    def sample(name: str, seconds: float) -> None:
+        samples.setdefault(name, []).append(seconds)
+
+    for _ in range(repeats):
+        cache.clear()
+        with db.session() as session:
+            model = get_model(session, "bench")
+            number = model.head_version
+            seconds, (cold, source) = timed(load_version, session, model, number, cache)
+            assert source == "database" and len(cold.codebook) == database["entries"]
+            sample("cold", seconds)
+            seconds, snapshot = timed(capture, model, number, cold.codebook)
+            sample("cache_capture", seconds)
+            version, rows = get_version(session, model, number), manifest_at(session, model, number)
+        seconds, path = timed(cache.write, snapshot, version, rows, model)
+        sample("cache_write", seconds)
+        file_bytes = path.stat().st_size
+        with db.session() as session:
+            model = get_model(session, "bench")
+            seconds, (warm, source) = timed(load_version, session, model, number, cache)
+            assert source == "cache" and warm.codebook.to_bytes() == cold.codebook.to_bytes()
+            sample("warm", seconds)
+        held = warm.codebook
+        for k, target in ((1, 2), (TAIL, 1)):
+            for number in (target, head):  # away from the head's content by k entries, and back
+                with db.session() as session:
+                    model = get_model(session, "bench")
+                    seconds, (moved, source) = timed(load_version, session, model, number, None, held)
+                    assert source == "reuse" and len(moved.codebook) == database["entries"] - (number == target) * k
+                    sample(f"rollback_{k}_load", seconds)
+                    blobs.setdefault(f"rollback_{k}_blobs", []).append(moved.blobs_read)
+                with db.session() as session:
+                    tick = time.perf_counter()
+                    model = lock_model(session, get_model(session, "bench").id)
+                    commit_version(session, model, parent=model.head_version, kind="rollback",
+                                   entries=entry_rows_for(session, model, moved.codebook.fact_ids),
+                                   radii=moved.codebook.radii.tolist(), actor="bench", source="bench", job_id=None,
+                                   summary={"rolled_back_to": number})
+                    sample(f"rollback_{k}_commit", time.perf_counter() - tick)
+                held = moved.codebook
+    result: dict[str, Any] = {name: round(statistics.median(values), 4) for name, values in samples.items()}
+    result.update({name: max(values) for name, values in blobs.items()})  # the way back reads the k blobs
+    result["runs"] = repeats
+    result["cache_file_bytes"] = file_bytes
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="codebook sizes (entries at the head)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/version_loads.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.repeats = "300,600", 2
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="kb-version-loads-"))
+    rows = []
+    for entries in [int(s) for s in args.sizes.split(",")]:
+        database = build(root / f"size-{entries}", entries, args.seed)
+        measured = measure(database, args.repeats)
+        rows.append({"entries": entries, "tensor_bytes": database["tensor_bytes"],
+                     "build_seconds": database["build_seconds"], **measured})
+        database["db"].dispose()
+        print(json.dumps(rows[-1]), flush=True)
+    report = {
+        "benchmark": "version_loads",
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "input_size": INPUT_SIZE,
+        "output_size": OUTPUT_SIZE,
+        "database": "sqlite",
+        "rows": rows,
+        "per_entry_us": per_entry(rows),
+        "machine": machine_facts(sqlite=sqlite3.sqlite_version),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def per_entry(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Microseconds per entry at the largest size, for each O(N) operation."""
+    largest = rows[-1]
+    return {name: round(largest[name] / largest["entries"] * 1e6, 2)
+            for name in ("cold", "warm", "cache_capture", "cache_write", "rollback_1_load", "rollback_1_commit",
+                         "rollback_100_load", "rollback_100_commit")}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# Version loads (SQLite, medians of {report['repeats']} runs, seconds)",
+        "",
+        f"Machine: {machine['cpus']} CPUs, {machine['torch_threads']} torch thread(s), {machine['platform']}, "
+        f"SQLite {machine['sqlite']}, load average at the end {machine['load_average'][0]:.1f}.",
+        "",
+        "| entries | tensors MB | head cold (database) | head warm (cache) | cache capture + write | cache file MB "
+        "| rollback 1: load (blobs) + commit | rollback 100: load (blobs) + commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['entries']:,} | {row['tensor_bytes'] / 1e6:.0f} | {row['cold']:.3f} | {row['warm']:.3f} "
+            f"| {row['cache_capture']:.3f} + {row['cache_write']:.3f} | {row['cache_file_bytes'] / 1e6:.0f} "
+            f"| {row['rollback_1_load']:.3f} ({row['rollback_1_blobs']:.0f}) + {row['rollback_1_commit']:.3f} "
+            f"| {row['rollback_100_load']:.3f} ({row['rollback_100_blobs']:.0f}) + {row['rollback_100_commit']:.3f} |"
+        )
+    lines += ["", "Microseconds per entry at the largest size: " + json.dumps(report["per_entry_us"]), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
