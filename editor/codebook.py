@@ -158,9 +158,13 @@ class Codebook:
 
     def answer_ids_of(self, index: int) -> torch.Tensor | None:
         """The tokens entry `index`'s values were trained to produce (L,), or None when unknown."""
-        r = self._records[index]
-        ids = self._token_store[r.row : r.row + r.length]
+        ids = self.token_rows_of(index)
         return None if bool((ids < 0).any()) else ids
+
+    def token_rows_of(self, index: int) -> torch.Tensor:
+        """Entry `index`'s row of the token store (L,) int64, -1 where unknown (a view)."""
+        r = self._records[index]
+        return self._token_store[r.row : r.row + r.length]
 
     @classmethod
     def with_radii(
@@ -183,25 +187,27 @@ class Codebook:
     def from_stores(cls, spec: CodebookSpec, hparams: dict[str, Any], ids: Sequence[tuple[str, str, str]],
                     keys: torch.Tensor, values: torch.Tensor, rows: Sequence[tuple[int, int]],
                     base_radii: Sequence[float], radii: torch.Tensor,
-                    answer_ids: torch.Tensor | None = None) -> Codebook:  # entries' reach: 0
+                    answer_ids: torch.Tensor | None = None, reaches: torch.Tensor | None = None) -> Codebook:
         """A codebook over tensors it does not copy: entry i is ids[i] = (fact id, answer, input
         id), key keys[i], values values[row : row + length] for rows[i] = (row, length), and
         radii[i] its effective radius, which the caller vouches for (bench/inference_overhead
         builds 100k-entry codebooks whose entries share one run of value rows). `answer_ids`, one
-        token per value row, default to unknown (-1)."""
+        token per value row, default to unknown (-1); `reaches` (N,) to 0."""
         if not (len(ids) == len(rows) == len(base_radii) == keys.shape[0] == radii.shape[0]):
             raise IncompatibleCodebookError("entry counts differ between the arguments")
         book = cls(spec, hparams)
         book._records = [
-            _Record(fact_id, answer, input_id, float(base), 0.0, int(row), int(length))
-            for (fact_id, answer, input_id), (row, length), base in zip(ids, rows, base_radii, strict=True)
+            _Record(fact_id, answer, input_id, float(base), float(reach), int(row), int(length))
+            for (fact_id, answer, input_id), (row, length), base, reach
+            in zip(ids, rows, base_radii, reaches.tolist() if reaches is not None else [0.0] * len(ids), strict=True)
         ]
         book._key_store, book._value_store = keys, values
         book._token_store = (answer_ids if answer_ids is not None
                              else torch.full((values.shape[0],), -1, dtype=torch.int64))
         book._value_rows = max((row + length for row, length in rows), default=0)
         book.keys, book.radii = keys, radii.to(torch.float32)
-        book.reaches = torch.zeros(len(book._records))
+        book.reaches = (reaches.to(torch.float32) if reaches is not None
+                        else torch.zeros(len(book._records)))
         book._index_answers()
         return book
 

@@ -2,8 +2,8 @@
 
 Materialising a version from the database reads, checks and decodes one blob per entry (about
 45 us each, bench/README.md). The cache keeps a version's codebook (stacked keys and values, the
-entries' ids, answers, input ids, base and effective radii) in one file under
-`$KB_HOME/cache/codebooks/`, read in one go, so a warm load reads one version row from the
+values' answer tokens, the entries' ids, answers, input ids, base and effective radii and reaches)
+in one file under `$KB_HOME/cache/codebooks/`, read in one go, so a warm load reads one version row from the
 database and one file. The database stays the only source of truth. A file is used only when
 
 * its version key equals the one computed from the version's row: SHA-256 of the model's id, name
@@ -58,15 +58,16 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "kb-daemon-codebook-cache"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 CHUNK_BYTES = 64 << 20  # the payload digest's chunk: hashed in parallel, each a few tens of ms
 TEMPORARY_MAX_AGE_SECONDS = 3600.0
 # Where a version's codebook came from (see `load_version`).
 LoadSource = Literal["reuse", "cache", "database"]
 _DTYPES = {"I64": 8, "F64": 8, "F32": 4, "U8": 1}
 # name -> (dtype, rank), in file order (8-byte types first, so every tensor is aligned)
-_TENSORS = {"entry_ids": ("I64", 1), "value_lengths": ("I64", 1), "base_radii": ("F64", 1),
-            "radii": ("F32", 1), "keys": ("F32", 2), "values": ("F32", 2), "records": ("U8", 1)}
+_TENSORS = {"entry_ids": ("I64", 1), "value_lengths": ("I64", 1), "answer_ids": ("I64", 1),
+            "base_radii": ("F64", 1), "radii": ("F32", 1), "reaches": ("F32", 1), "keys": ("F32", 2),
+            "values": ("F32", 2), "records": ("U8", 1)}
 
 
 def version_key(model: Model, version: Version) -> str:
@@ -130,6 +131,8 @@ class Snapshot:
     fact_ids: list[str]
     keys: Any  # torch.Tensor (N, Din) float32
     values: list[Any]  # per entry, torch.Tensor (L, Dout) float32
+    answer_ids: list[Any]  # per entry, torch.Tensor (L,) int64, -1 where unknown
+    reaches: Any  # torch.Tensor (N,) float32
 
 
 def capture(model: Model, number: int, codebook: editor.Codebook) -> Snapshot | None:
@@ -142,9 +145,11 @@ def capture(model: Model, number: int, codebook: editor.Codebook) -> Snapshot | 
         return None
     with collector_paused():
         values = [codebook.values_of(i) for i in range(len(codebook))]
+        answer_ids = [codebook.token_rows_of(i) for i in range(len(codebook))]
     if any(v.dtype != torch.float32 or v.device.type != "cpu" for v in values[:1]):
         return None
-    return Snapshot(model.name, model.id, dict(model.spec), number, codebook.fact_ids, keys.detach(), values)
+    return Snapshot(model.name, model.id, dict(model.spec), number, codebook.fact_ids, keys.detach(), values,
+                    answer_ids, codebook.reaches.detach().clone())
 
 
 class CodebookCache:
@@ -229,7 +234,7 @@ class CodebookCache:
         codebook = Codebook.from_stores(
             CodebookSpec(**model.spec), dict(model.hparams), list(zip(fact_ids, answers, input_ids, strict=True)),
             tensor("keys"), tensor("values"), list(zip(starts, lengths, strict=True)),
-            tensor("base_radii").tolist(), tensor("radii"))
+            tensor("base_radii").tolist(), tensor("radii"), tensor("answer_ids"), tensor("reaches"))
         return Materialised(codebook, tensor("entry_ids").tolist(), 0)
 
     # ----- writing ------------------------------------------------------------------------
@@ -247,6 +252,7 @@ class CodebookCache:
             "value_lengths": numpy.array([v.shape[0] for v in snapshot.values], dtype="<i8"),
             "base_radii": numpy.array([row.base_radius for row in rows], dtype="<f8"),
             "radii": numpy.array([row.radius for row in rows], dtype="<f4"),
+            "reaches": snapshot.reaches.contiguous().numpy().astype("<f4"),
         }
         records = json.dumps({"fact_ids": snapshot.fact_ids, "answers": [row.answer for row in rows],
                               "input_ids": [row.input_id for row in rows]}).encode()
@@ -260,9 +266,11 @@ class CodebookCache:
         pieces: dict[str, list[memoryview]] = {name: [raw(array)] for name, array in arrays.items()}
         pieces["keys"] = [raw(snapshot.keys.contiguous().numpy())]
         pieces["values"] = [raw(v.contiguous().numpy()) for v in snapshot.values]
+        pieces["answer_ids"] = [raw(t.contiguous().numpy()) for t in snapshot.answer_ids]
         pieces["records"] = [memoryview(records)]
-        shapes = {"entry_ids": [n], "value_lengths": [n], "base_radii": [n], "radii": [n], "keys": [n, din],
-                  "values": [total_rows, dout], "records": [len(records)]}
+        shapes = {"entry_ids": [n], "value_lengths": [n], "base_radii": [n], "radii": [n], "reaches": [n],
+                  "keys": [n, din], "values": [total_rows, dout], "answer_ids": [total_rows],
+                  "records": [len(records)]}
         header: dict[str, Any] = {}
         digest, offset = _ChunkedDigest(), 0
         for name, (dtype, _rank) in _TENSORS.items():
@@ -362,7 +370,8 @@ def _check_layout(header: dict[str, Any], payload_bytes: int, din: int,
         layout[name] = (begin, end, shape)
     n = layout["keys"][2][0]
     if (layout["keys"][2][1] != din or layout["values"][2][1] != dout
-            or any(layout[name][2] != [n] for name in ("entry_ids", "value_lengths", "base_radii", "radii"))):
+            or any(layout[name][2] != [n] for name in ("entry_ids", "value_lengths", "base_radii", "radii", "reaches"))
+            or layout["answer_ids"][2] != [layout["values"][2][0]]):
         raise CacheMiss(f"shapes do not fit {n} entries of layer {din} -> {dout}")
     spans = sorted((begin, end) for begin, end, _shape in layout.values())
     if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)) \
