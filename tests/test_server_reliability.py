@@ -104,11 +104,12 @@ def test_a_version_change_reads_only_the_changed_entries(tmp_path, tiny_assets):
     names = ("red", "green", "blue", "black")
     try:
         versions = [submit(d, tiny_assets / f"{name}.png", name) for name in names[:3]]
-        db = Database(Settings.from_env(d.env))
+        # Without the worker's codebook cache, the first load reads every entry.
+        db = Database(Settings.from_env({**d.env, "KB_CODEBOOK_CACHE_VERSIONS": "0"}))
         host = ModelHost(db, "tiny", poll_seconds=0.1)
         host.start()
         try:
-            assert (host.head_number, host.blobs_read) == (versions[-1], 3)  # the first load reads every entry
+            assert (host.head_number, host.blobs_read) == (versions[-1], 3)
             added = submit(d, tiny_assets / "black.png", "black")
             wait_until(lambda: host.head_number == added, 10, "the host to follow the edit")
             assert host.blobs_read == 4  # one new entry: one blob
@@ -119,6 +120,18 @@ def test_a_version_change_reads_only_the_changed_entries(tmp_path, tiny_assets):
                 host.submit(None, Q)
             pinned = host.submit(open_image((tiny_assets / "red.png").read_bytes()), Q, versions[1]).result(timeout=30)
             assert pinned.version == versions[1] and host.blobs_read == 4
+        finally:
+            host.stop()
+            db.dispose()
+        # With it, a server starting at the head reads its cache file and no blob.
+        wait_until(lambda: (d.home / "cache" / "codebooks").is_dir()
+                   and any(p.name == f"version-{back}.safetensors" for p in (d.home / "cache" / "codebooks").rglob("*")),
+                   30, "the worker to write the head's cache file")
+        db = Database(Settings.from_env(d.env))
+        host = ModelHost(db, "tiny", poll_seconds=0.1)
+        host.start()
+        try:
+            assert (host.head_number, host.blobs_read) == (back, 0)
         finally:
             host.stop()
             db.dispose()

@@ -305,9 +305,21 @@ class ModelHost:
 
     def _load(self, number: int, base: LoadedVersion | None) -> LoadedVersion:
         """Version `number`'s codebook, reusing the entry tensors of `base` and of the cached pinned
-        versions: only the blobs of entries none of them holds are read."""
+        versions: only the blobs of entries none of them holds are read. With nothing held (the
+        server's start), the worker's local codebook cache is tried first (`kb_daemon.snapshot_cache`)."""
         with self._pinned_lock:
             held = [base, *self._pinned.values()] if base is not None else list(self._pinned.values())
+        if not held:
+            from kb_daemon.snapshot_cache import CodebookCache
+
+            settings = self.db.settings
+            cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+            if cache.keep_versions > 0:
+                with self.db.session() as session:
+                    cached = cache.load(session, get_model(session, self.name), number)
+                if cached is not None:
+                    return LoadedVersion(number, cached,
+                                         {fact_id: i for i, fact_id in enumerate(cached.codebook.fact_ids)})
         known: dict[int, Any] = {}
         for loaded_version in held:
             book = loaded_version.loaded.codebook
