@@ -124,8 +124,8 @@ def test_a_version_change_reads_only_the_changed_entries(tmp_path, tiny_assets):
             host.stop()
             db.dispose()
         # With it, a server starting at the head reads its cache file and no blob.
-        wait_until(lambda: (d.home / "cache" / "codebooks").is_dir()
-                   and any(p.name == f"version-{back}.safetensors" for p in (d.home / "cache" / "codebooks").rglob("*")),
+        cache = d.home / "cache" / "codebooks"
+        wait_until(lambda: any(p.name == f"version-{back}.safetensors" for p in cache.rglob("*")),
                    30, "the worker to write the head's cache file")
         db = Database(Settings.from_env(d.env))
         host = ModelHost(db, "tiny", poll_seconds=0.1)
