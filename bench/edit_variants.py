@@ -55,7 +55,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", required=True, type=Path, help="edit-case files")
+    parser.add_argument("--cases", nargs="+", type=Path, help="edit-case files")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="a BalancEdit variant (repeatable; default: the editor's defaults)")
     parser.add_argument("--modes", default="independent,sequential", help="comma-separated modes")
@@ -63,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-hold", action="store_true",
                         help="switch the answer hold off (the values alone decide each step)")
     parser.add_argument("--limit", type=int, help="only the first N cases of each file")
+    parser.add_argument("--quick", action="store_true",
+                        help="two cases of a freshly built seed-0 file, independent mode (a smoke test)")
     args = parser.parse_args(argv)
+    if args.quick:
+        from editor.eval.easyvqa import build_case_files
+
+        folder = args.out.parent / "edit_variants_cases"
+        build_case_files(folder)
+        args.cases, args.limit, args.modes = [folder / "cases.jsonl"], 2, "independent"
+    if not args.cases:
+        parser.error("--cases is required (or --quick)")
 
     from editor import commit
     from editor.backbones import load_backbone
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 shown = {k: rows[-1][k] for k in ("cases", "mode", "variant", "spliced", "seconds_per_edit")}
                 print(json.dumps({**shown, "hm": rows[-1]["exact"]["hm"],
                                   "instance": rows[-1]["instance_exact"]}), flush=True)
-    summary = {"hold": not args.without_hold, "runs": rows,
+    summary = {"benchmark": "edit_variants", "quick": args.quick, "hold": not args.without_hold, "runs": rows,
                "spliced_total": sum(r["spliced"] or 0 for r in rows),
                "probes_total": sum(r["probes"] for r in rows), "machine": machine_facts()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

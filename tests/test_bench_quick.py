@@ -31,6 +31,8 @@ CASES = {
     "bench/console_pages.py": {"keys": {"benchmark", "pages", "versions", "machine"}, "markdown": False},
     "bench/lookup_index.py": {"keys": {"benchmark", "machine"}, "markdown": False},
     "bench/version_loads.py": {"keys": {"benchmark", "rows", "per_entry_us", "machine"}, "markdown": True},
+    "bench/edit_variants.py": {"keys": {"benchmark", "runs", "spliced_total", "probes_total", "machine"},
+                               "markdown": False},
 }
 
 
