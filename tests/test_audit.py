@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "model set": ("writes", {"--actor", "--canary", "--canary-max-changed", "--hparam", "--ingest-source",
                              "--json", "--reference-pool"}),
     "submit-fact": ("writes", {"--actor", "--answer", "--image", "--json", "--negative-image",
-                               "--negative-question", "--question", "--rephrase", "--timeout", "--wait", *MODEL}),
+                               "--negative-question", "--question", "--rephrase", "--supersedes", "--timeout",
+                               "--wait", *MODEL}),
     "retract": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "rollback": ("writes", {"--actor", "--json", "--timeout", "--wait", *MODEL}),
     "promote": ("writes", {"--actor", "--json", *MODEL}),
@@ -67,6 +68,7 @@ COMMANDS: dict[str, tuple[str, set[str]]] = {
     "demo": ("none", {"--answer"}),
     "eval": ("none", {"--curve-every", "--hparam", "--json", "--limit", "--method", "--model", "--plot",
                       "--pool", "--sequential"}),
+    "eval-stream": ("none", {"--hparam", "--json", "--model", "--plot", "--pool"}),
 }
 GLOBAL_OPTIONS = {"--broker-url", "--database-url", "--debug", "--home", "--model", "--verbose", "--version",
                   "-v"}
