@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 INFERENCE_BATCH = 32
 # The pool's most frequent questions asked about the fact's image, as hard-negative candidates.
 MAX_SAME_IMAGE_QUESTIONS = 16
+# Answer tokens teacher-forced in the first chunk after a candidate's cached prompt, doubled in each
+# chunk after: short answers take one or two calls, long ones stop soon after the rows diverge.
+FIRST_CHUNK_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -425,16 +428,14 @@ class Editor:
         token is `tokens[0]`, is `tokens` (which ends with the end of sequence unless generation was
         cut at max_new_tokens).
 
-        Teacher-forced after each batch's cached prompts in chunks of 1, 2, 4, ... tokens: greedy
+        Teacher-forced after each batch's cached prompts in chunks of 4, 8, 16, ... tokens: greedy
         generation yields `tokens` exactly when the argmax at every step is that step's token, and a
         row is dropped at the end of the chunk where it first differs, so it costs about as many
         answer steps as it agrees with `tokens`. A model without a cache checks the rows in one
         teacher-forced pass from their prompts."""
-        if not rows:
-            return {}
-        if len(tokens) == 1 or self._cache_argument() is None:
-            if len(tokens) == 1:
-                return {row: True for row in rows}
+        if len(tokens) == 1:  # the first token is the whole answer
+            return {row: True for row in rows}
+        if rows and self._cache_argument() is None:
             return dict(zip(rows, self._agrees_with([queries[row] for row in rows], tokens), strict=True))
         agrees: dict[int, bool] = {}
         for prompt in prompts:
@@ -456,7 +457,7 @@ class Editor:
         cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=device))
         mask = prompt.batch.attention_mask[rows]  # (R, T)
         agrees = [True] * len(rows)
-        fed, chunk = 0, 1
+        fed, chunk = 0, FIRST_CHUNK_TOKENS
         while live and fed < len(tokens) - 1:
             size = min(chunk, len(tokens) - 1 - fed)
             ids = torch.tensor([list(tokens[fed : fed + size])] * len(live))  # (R, size)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from easy_vqa import get_train_image_paths, get_train_questions
+from tiny_models import FAMILIES, build, image, needs_image
 
 import editor
 from editor.backbones import Query
 from editor.fact import normalise_answer
 from editor.radius import choose_radius, pairwise_distances
+from editor.samples import ReferenceItem
 from kb_daemon.runtime import load_reference_pool
 
 SHAPE = "what shape is in the image?"
@@ -133,3 +135,24 @@ def test_a_check_that_stops_at_the_first_token_would_choose_otherwise(demo, pool
         mined = ed._hard_negative_keys(key, query, original, tokens)
         expected, _ = reference_hard_negatives(ed, query, key)
     assert mined.shape != expected.shape or not torch.equal(mined, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_chooses_what_generating_every_answer_chooses(family):
+    """The cached continuation on every family (BLIP-2, whose forward takes no cache, checks the
+    rows that agree on the first token from their prompts)."""
+    backbone = build(family)
+    red = image((230, 20, 20)) if needs_image(family) else None
+    others = [image((20, 200, 20), "circle"), image((20, 20, 230))] if needs_image(family) else [None]
+    questions = ("what shape is in the image?", "what colour is the shape?", "is there a circle?",
+                 "what is it?", "what shape is it?")
+    pool = [ReferenceItem(img, q) for img in others for q in questions]
+    for count in (2, 100):
+        with editor.Editor(backbone, reference_pool=pool, num_hard_negatives=count, max_new_tokens=12,
+                           max_answer_tokens=12) as ed:
+            query = backbone.query(red, questions[0])
+            original, tokens = ed._unedited_answer(query)
+            key = ed.keys([query])[0]
+            mined = ed._hard_negative_keys(key, query, original, tokens)
+            expected, _ = reference_hard_negatives(ed, query, key)
+        assert torch.equal(mined, expected), (family, count)
