@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 INFERENCE_BATCH = 32
 # The pool's most frequent questions asked about the fact's image, as hard-negative candidates.
 MAX_SAME_IMAGE_QUESTIONS = 16
+# Answer tokens teacher-forced in the first chunk after a candidate's cached prompt, doubled in each
+# chunk after: short answers take one or two calls, long ones stop soon after the rows diverge.
+FIRST_CHUNK_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,15 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     tick = time.perf_counter()
     yield
     timings[phase] = time.perf_counter() - tick
+
+
+@dataclass
+class _PromptPass:
+    """One batch of prompts run through the unedited model, to teacher-force answers after."""
+
+    start: int  # index of the batch's first row in the caller's list of queries
+    batch: Batch
+    cache: Any  # the model's key/value cache after the prompts; None when the model takes none
 
 
 @dataclass
@@ -427,11 +440,12 @@ class Editor:
 
         Candidates: the pool's own inputs (answers known from the pool index), and the pool's other
         questions asked about the fact's image (other questions about the edited image must not
-        inherit the edit), whose answers need a pass through the model. When the pool already holds
-        `num_hard_negatives` inputs that differ, a candidate beyond the farthest of those nearest
-        ones cannot be chosen: the candidates' keys are computed first (stopping at the edited
-        layer) and only the nearer ones are checked. Otherwise every candidate may be chosen, and one
-        teacher-forced pass gives both their keys and their answers.
+        inherit the edit), whose answers need a pass through the model. One prompt-only pass over
+        the candidates gives their keys and their first greedy answer tokens: a candidate whose
+        first token is not the unedited answer's first token answers differently. The others are
+        checked token by token after their cached prompts, and only when they could be chosen:
+        when the pool already holds `num_hard_negatives` inputs that differ, a candidate at or
+        beyond the farthest of those nearest ones cannot be.
         """
         count = self.config.num_hard_negatives
         if not self.reference_pool or count == 0:
@@ -442,22 +456,113 @@ class Editor:
         differs = [answer != target for answer in pool.answers]
         pool_distance = pairwise_distances(key[None], pool.keys, self.config.distance)[0]  # (P,)
         known = sorted(float(d) for d, differ in zip(pool_distance, differs, strict=True) if differ)
-        if len(known) >= count:
-            candidate_keys = self.keys(candidates)  # (S, Din)
-            candidate_distance = pairwise_distances(key[None], candidate_keys, self.config.distance)[0]  # (S,)
-            # Strictly nearer: at equal distance the stable order below puts pool inputs first.
-            near = [i for i in range(len(candidates)) if float(candidate_distance[i]) < known[count - 1]]
-            agrees = dict(zip(near, self._agrees_with([candidates[i] for i in near], original_tokens),
-                              strict=True))
-            differs += [not agrees.get(i, True) for i in range(len(candidates))]
-        else:
-            candidate_keys, agree_list = self._keys_and_agreement(candidates, original_tokens)
-            candidate_distance = pairwise_distances(key[None], candidate_keys, self.config.distance)[0]  # (S,)
-            differs += [not agree for agree in agree_list]
+        # At equal distance the stable order below puts pool inputs first: strictly nearer only.
+        limit = known[count - 1] if len(known) >= count else float("inf")
+        candidate_keys, first_tokens, prompts = self._first_tokens_and_keys(candidates)  # (S, Din), (S,)
+        candidate_distance = pairwise_distances(key[None], candidate_keys, self.config.distance)[0]  # (S,)
+        first_differs = (first_tokens != original_tokens[0]).tolist()
+        undecided = [i for i in range(len(candidates))
+                     if not first_differs[i] and float(candidate_distance[i]) < limit]
+        agrees = self._agreement_after_first_token(candidates, prompts, undecided, original_tokens)
+        differs += [first_differs[i] or not agrees.get(i, True) for i in range(len(candidates))]
         keys = torch.cat([pool.keys, candidate_keys])  # (P + S, Din)
         distance = torch.cat([pool_distance, candidate_distance])  # (P + S,): the same numbers as above
         chosen = [i for i in torch.argsort(distance, stable=True).tolist() if differs[i]][:count]
         return keys[chosen]
+
+    def _cache_argument(self) -> str | None:
+        """The name under which the model's forward takes a key/value cache; None when it takes
+        none (BLIP-2, whose language model sits behind the Q-Former's inputs)."""
+        parameters = inspect.signature(self.backbone.model.forward).parameters
+        return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+    def _first_tokens_and_keys(self, queries: Sequence[Query]
+                               ) -> tuple[torch.Tensor, torch.Tensor, list[_PromptPass]]:
+        """Keys of `queries` (the numbers `keys` gives: the same batches, the same layers up to
+        the edited one), the unedited model's first greedy answer token for each, and each batch's
+        prompts with the model's cache after them. -> ((S, Din), (S,), batches)"""
+        if not queries:
+            return torch.zeros(0, self.spec.input_size), torch.zeros(0, dtype=torch.long), []
+        cache_argument = self._cache_argument()
+        extra: dict[str, Any] = {"use_cache": cache_argument is not None}
+        if "logits_to_keep" in inspect.signature(self.backbone.model.forward).parameters:
+            extra["logits_to_keep"] = 1  # left padding: every prompt ends at the last position
+        keys: list[torch.Tensor] = []
+        firsts: list[torch.Tensor] = []
+        prompts: list[_PromptPass] = []
+        for start in range(0, len(queries), INFERENCE_BATCH):
+            batch = self.backbone.encode(queries[start : start + INFERENCE_BATCH])
+            assert bool((batch.key_positions == batch.input_ids.shape[1] - 1).all())
+            with torch.no_grad(), self.adapter.scope(batch.key_positions, mode="off") as state:
+                output = self.backbone.model(**self.backbone.model_inputs(batch), **extra)
+            firsts.append(output.logits[:, -1].argmax(-1).cpu())  # (B,)
+            assert state.keys is not None
+            keys.append(state.keys)
+            cache = output.get("cache", output.get("past_key_values")) if cache_argument else None
+            prompts.append(_PromptPass(start, batch, cache))
+        return torch.cat(keys), torch.cat(firsts), prompts
+
+    def _agreement_after_first_token(self, queries: Sequence[Query], prompts: Sequence[_PromptPass],
+                                     rows: Sequence[int], tokens: Sequence[int]) -> dict[int, bool]:
+        """Whether the unedited model's greedy output for each of `queries[rows]`, whose first
+        token is `tokens[0]`, is `tokens` (which ends with the end of sequence unless generation was
+        cut at max_new_tokens).
+
+        Teacher-forced after each batch's cached prompts in chunks of 4, 8, 16, ... tokens: greedy
+        generation yields `tokens` exactly when the argmax at every step is that step's token, and a
+        row is dropped at the end of the chunk where it first differs, so it costs about as many
+        answer steps as it agrees with `tokens`. A model without a cache checks the rows in one
+        teacher-forced pass from their prompts."""
+        if len(tokens) == 1:  # the first token is the whole answer
+            return {row: True for row in rows}
+        if rows and self._cache_argument() is None:
+            return dict(zip(rows, self._agrees_with([queries[row] for row in rows], tokens), strict=True))
+        agrees: dict[int, bool] = {}
+        for prompt in prompts:
+            local = [row - prompt.start for row in rows if 0 <= row - prompt.start < len(prompt.batch)]
+            if local:
+                for row, agree in zip(local, self._continue_teacher_forced(prompt, local, tokens), strict=True):
+                    agrees[prompt.start + row] = agree
+        return agrees
+
+    def _continue_teacher_forced(self, prompt: _PromptPass, rows: list[int], tokens: Sequence[int]) -> list[bool]:
+        """For batch rows `rows` of `prompt`: whether the argmax after `tokens[:j]` is `tokens[j]`
+        for every j >= 1."""
+        backbone = self.backbone
+        device = backbone.device
+        cache_argument = self._cache_argument()
+        assert cache_argument is not None and prompt.cache is not None
+        cache = prompt.cache
+        live = list(range(len(rows)))  # positions in `rows` still agreeing
+        cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=device))
+        mask = prompt.batch.attention_mask[rows]  # (R, T)
+        agrees = [True] * len(rows)
+        fed, chunk = 0, FIRST_CHUNK_TOKENS
+        while live and fed < len(tokens) - 1:
+            size = min(chunk, len(tokens) - 1 - fed)
+            ids = torch.tensor([list(tokens[fed : fed + size])] * len(live))  # (R, size)
+            mask = torch.cat([mask, torch.ones(len(live), size, dtype=mask.dtype)], dim=1)  # (R, T + fed + size)
+            inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                                      cache_argument: cache, "use_cache": True}
+            if backbone.family.passes_position_ids:  # as `model_inputs` numbers them
+                inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -size:].to(device)
+            # The keys were taken by the prompt pass: no row has its key in this call.
+            with torch.no_grad(), self.adapter.scope(torch.full((len(live),), -1), mode="off"):
+                logits = backbone.model(**inputs).logits  # (R, size, V)
+            expected = torch.tensor(list(tokens[fed + 1 : fed + 1 + size]))  # (size,)
+            same = (logits.argmax(-1).cpu() == expected).all(dim=1).tolist()  # (R,)
+            for position, ok in zip(live, same, strict=True):
+                agrees[position] = agrees[position] and ok
+            keep = [j for j, ok in enumerate(same) if ok]
+            if not keep:
+                break
+            if len(keep) < len(live):
+                cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=device))
+                mask = mask[keep]
+                live = [live[j] for j in keep]
+            fed += size
+            chunk *= 2
+        return agrees
 
     def _same_image_candidates(self, query: Query) -> list[Query]:
         """The pool's most frequent other questions, asked about the fact's image."""

@@ -100,13 +100,14 @@ def test_hard_negatives_equal_checking_every_candidate_while_checking_fewer(back
         original, tokens = ed._unedited_answer(query)
         key = ed.keys([query])[0]
         check = ed._keys_and_agreement
+        after_first = ed._agreement_after_first_token
         checked: list[int] = []
 
-        def counting(queries, answer_tokens):
-            checked.append(len(queries))
-            return check(queries, answer_tokens)
+        def counting(queries, prompts, rows, answer_tokens):
+            checked.append(len(rows))
+            return after_first(queries, prompts, rows, answer_tokens)
 
-        monkeypatch.setattr(ed, "_keys_and_agreement", counting)
+        monkeypatch.setattr(ed, "_agreement_after_first_token", counting)
         mined = ed._hard_negative_keys(key, query, original, tokens)
         # The reference: every candidate checked, then the `count` nearest that differ.
         candidates = ed._same_image_candidates(query)
@@ -116,11 +117,13 @@ def test_hard_negatives_equal_checking_every_candidate_while_checking_fewer(back
         differs = [a != normalise_answer(original) for a in index.answers] + [not a for a in agrees]
         order = torch.argsort(pairwise_distances(key[None], keys, ed.config.distance)[0], stable=True).tolist()
         expected = keys[[i for i in order if differs[i]][:count]]
+        first_agrees = sum(ed._unedited_answer(c)[1][0] == tokens[0] for c in candidates)
     assert len(candidates) == 4
     assert mined.shape == expected.shape and torch.allclose(mined, expected, atol=1e-5)
-    assert sum(checked) <= len(candidates)
-    if count == 100:  # more than there are: every candidate had to be checked
-        assert sum(checked) == len(candidates) and mined.shape[0] == sum(differs)
+    # Beyond the first answer token only candidates that agree on it are checked.
+    assert sum(checked) <= first_agrees
+    if count == 100:  # more than there are: every candidate that agrees on the first token had to be checked
+        assert sum(checked) == first_agrees and mined.shape[0] == sum(differs)
 
 
 def test_cosine_distance_edits(backbone):
