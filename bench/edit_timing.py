@@ -90,11 +90,20 @@ def key_queries(ed, fact) -> list:
     return rows
 
 
-def run_codebook_method(backbone, method: str, facts, pool) -> list[dict[str, Any]]:
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """"balancedit" or "balancedit:image_key_weight=0,alpha=0.1" -> (method, hyperparameters)."""
+    from editor.eval.hparams import parse_hparams
+
+    method, _, settings = spec.partition(":")
+    return method, parse_hparams([s for s in settings.split(",") if s]) if settings else {}
+
+
+def run_codebook_method(backbone, spec: str, facts, pool) -> list[dict[str, Any]]:
     import editor
 
     rows = []
-    with editor.Editor(backbone, method, reference_pool=pool if method == "balancedit" else None) as ed:
+    method, hparams = method_spec(spec)
+    with editor.Editor(backbone, method, reference_pool=pool if method == "balancedit" else None, **hparams) as ed:
         if pool and method == "balancedit":
             ed._pool_index()  # one-off per editor; reported separately
         empty = editor.Codebook(ed.spec, ed.config.to_dict())
@@ -201,7 +210,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo,llava-100m", help="comma-separated: demo, llava-100m")
-    parser.add_argument("--methods", default="balancedit,grace,ft")
+    parser.add_argument("--methods", default="balancedit,grace,ft",
+                        help="comma-separated; a codebook method may carry settings after a colon, joined by "
+                             "';' (balancedit:image_key_weight=0)")
     parser.add_argument("--facts", type=int, default=12, help="facts on the demo model")
     parser.add_argument("--facts-large", type=int, default=4, help="facts on the 100M LLaVA (FT takes ~40 s each)")
     parser.add_argument("--pool", default="easy-vqa", help="reference pool for BalancEdit ('' for none)")
@@ -226,7 +237,7 @@ def main() -> None:
     all_facts = [editor.Fact(paths[i], QUESTION, NAMES[k % len(NAMES)])
                  for k, i in enumerate(sorted(paths)[: max(args.facts, args.facts_large)])]
     pool = load_reference_pool(args.pool) if args.pool else []
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m.replace(";", ",") for m in args.methods.split(",") if m]
     result: dict[str, Any] = {"benchmark": "edit_timing", "reference_pool": len(pool),
                               "quick": args.quick, "models": {}}
     for name in args.models.split(","):
@@ -248,7 +259,8 @@ def main() -> None:
                 max_steps = None
             else:
                 rows = run_codebook_method(backbone, method, facts, pool)
-                max_steps = editor.EditConfig.from_dict({"method": method}).max_steps
+                name_, settings_ = method_spec(method)
+                max_steps = editor.EditConfig.from_dict({"method": name_, **settings_}).max_steps
             rows_by_method[method] = rows
             entry["methods"][method] = summarise(rows, max_steps)
         result["models"][name] = entry
