@@ -16,13 +16,7 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     Sequential mode: metrics over the cases applied so far, after every `curve_every` edits.
     Independent mode: the running mean over the cases evaluated so far.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise EvalError("--plot needs matplotlib: pip install matplotlib") from exc
+    plt = _pyplot()
     curve = report.get("curve") or []
     if not curve:
         raise EvalError("the report has no curve to plot")
@@ -52,12 +46,8 @@ def plot_curve(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-STREAM_SERIES = (*SERIES, ("superseded", "superseded"), ("retracted", "retracted"))
-
-
-def plot_stream(report: dict[str, Any], path: str | Path) -> Path:
-    """Two panels of an operation stream's checkpoints: the metrics (exact match) and seconds per
-    operation, against the number of operations (log scale); returns the written path."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend; EvalError when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -65,6 +55,16 @@ def plot_stream(report: dict[str, Any], path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise EvalError("--plot needs matplotlib: pip install matplotlib") from exc
+    return plt
+
+
+STREAM_SERIES = (*SERIES, ("superseded", "superseded"), ("retracted", "retracted"))
+
+
+def plot_stream(report: dict[str, Any], path: str | Path) -> Path:
+    """Two panels of an operation stream's checkpoints: the metrics (exact match) and seconds per
+    operation, against the number of operations (log scale); returns the written path."""
+    plt = _pyplot()
     points = report.get("checkpoints") or []
     if not points:
         raise EvalError("the report has no checkpoints to plot")
