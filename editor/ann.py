@@ -44,6 +44,10 @@ class IndexSettings:
     # Rebuild once removed keys exceed this share of the live ones (deleted nodes stay in the
     # graph as routing points, and searches through many of them get slower and less exact).
     rebuild_fraction: float = 0.25
+    # Also test, for every query, each entry whose radius exceeds the distance from its key to its
+    # `neighbours`-th nearest other key ("wide" balls): a query inside such a ball can have more
+    # than `neighbours` keys nearer than the ball's own, so the graph's candidates may miss it.
+    scan_wide_balls: bool = True
 
     def __post_init__(self) -> None:
         for name in ("threshold", "build_threads"):
@@ -98,8 +102,14 @@ class KeyIndex:
         self._label_of_row = np.arange(n, dtype=np.int64)  # (N,) the label of codebook row i
         self._row_of_label = np.arange(n, dtype=np.int64)  # (labels,) its row, or -1 once removed
         self._removed = 0
+        # (N,) distance from key i to its `neighbours`-th nearest other key under the compressed
+        # copy (inf where fewer exist); an entry whose radius exceeds it is scanned exactly.
+        self._kth_distance = np.full(n, np.inf, dtype=np.float32)
         if n:
-            self._index.add(self._label_of_row, _as_index_vectors(keys, distance), threads=settings.build_threads)
+            vectors = _as_index_vectors(keys, distance)  # (N, Din)
+            self._index.add(self._label_of_row, vectors, threads=settings.build_threads)
+            if settings.scan_wide_balls:
+                self._kth_distance = self._kth_distances(vectors, settings.build_threads)
 
     def __len__(self) -> int:
         return int(self._label_of_row.shape[0])
@@ -118,12 +128,43 @@ class KeyIndex:
             and self.distance == distance
         )
 
+    def _distances(self, raw: np.ndarray) -> np.ndarray:
+        """usearch's distances (1 - cos, or squared Euclidean) in the codebook's own measure."""
+        return raw if self.distance == "cosine" else np.sqrt(np.maximum(raw, 0.0))
+
+    def _kth_distances(self, vectors: np.ndarray, threads: int) -> np.ndarray:
+        """vectors (N, Din), the indexed keys in row order -> (N,) distance from each to its
+        `neighbours`-th nearest other key (the first match is the key itself)."""
+        k = self.settings.neighbours + 1
+        kth = np.full(vectors.shape[0], np.inf, dtype=np.float32)
+        if vectors.shape[0] < k:
+            return kth
+        matches = self._index.search(vectors, k, threads=threads)
+        distances = np.asarray(matches.distances, dtype=np.float32).reshape(vectors.shape[0], -1)  # (N, k)
+        counts = np.asarray(matches.counts).reshape(-1)  # (N,)
+        full = counts >= k
+        kth[full] = self._distances(distances[full, k - 1])
+        return kth
+
     def append(self, key: torch.Tensor) -> None:
-        """Index key (Din,) as the codebook's new last row."""
+        """Index key (Din,) as the codebook's new last row. Its nearest keys' `neighbours`-th
+        distances shrink to at most their distance to it, so their wide test stays conservative."""
         label = int(self._row_of_label.shape[0])
-        self._index.add(label, _as_index_vectors(key.unsqueeze(0), self.distance)[0], threads=1)
+        vector = _as_index_vectors(key.unsqueeze(0), self.distance)[0]  # (Din,)
+        kth = np.inf
+        if self.settings.scan_wide_balls and len(self) >= self.settings.neighbours:
+            matches = self._index.search(vector, self.settings.neighbours, threads=1)
+            labels = np.asarray(matches.keys, dtype=np.int64)
+            distances = self._distances(np.asarray(matches.distances, dtype=np.float32))
+            if labels.shape[0] >= self.settings.neighbours:
+                kth = float(distances[-1])
+            rows = self._row_of_label[labels]
+            rows, distances = rows[rows >= 0], distances[rows >= 0]
+            self._kth_distance[rows] = np.minimum(self._kth_distance[rows], distances)
+        self._index.add(label, vector, threads=1)
         self._row_of_label = np.append(self._row_of_label, len(self))
         self._label_of_row = np.append(self._label_of_row, label)
+        self._kth_distance = np.append(self._kth_distance, np.float32(kth))
 
     def remove_rows(self, rows: list[int]) -> None:
         """Forget codebook rows `rows` (indices before the removal); later rows move up."""
@@ -133,12 +174,20 @@ class KeyIndex:
         self._index.remove(labels)
         self._row_of_label[labels] = -1
         self._label_of_row = np.delete(self._label_of_row, rows)
+        self._kth_distance = np.delete(self._kth_distance, rows)  # the rest only grow: still conservative
         self._row_of_label[self._label_of_row] = np.arange(len(self), dtype=np.int64)
         self._removed += len(rows)
 
-    def candidates(self, queries: torch.Tensor) -> torch.Tensor:
+    def wide_rows(self, radii: torch.Tensor) -> np.ndarray:
+        """Rows whose radius (N,) exceeds the distance to their `neighbours`-th nearest key. -> (W,)"""
+        if not self.settings.scan_wide_balls:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(radii.detach().cpu().numpy() > self._kth_distance).astype(np.int64)
+
+    def candidates(self, queries: torch.Tensor, radii: torch.Tensor | None = None) -> torch.Tensor:
         """The rows of the `neighbours` keys nearest each query under the index's compressed copy,
-        ascending by row, -1 where fewer were found. queries (B, Din) -> (B, K) int64."""
+        plus, given the codebook's radii (N,), every wide row (`wide_rows`); ascending by row, -1
+        where fewer were found. queries (B, Din) -> (B, K + W) int64."""
         count = min(self.settings.neighbours, max(len(self), 1))
         vectors = _as_index_vectors(queries, self.distance)  # (B, Din)
         matches = self._index.search(vectors, count, threads=1)
@@ -149,10 +198,14 @@ class KeyIndex:
         found = np.arange(labels.shape[1])[None, :] < found_per_query  # (B, K)
         inside = found & (labels >= 0) & (labels < self._row_of_label.shape[0])
         rows = np.where(inside, self._row_of_label[np.where(inside, labels, 0)], -1)  # (B, K)
+        if radii is not None:
+            wide = self.wide_rows(radii)  # (W,)
+            rows = np.concatenate([rows, np.broadcast_to(wide, (rows.shape[0], wide.shape[0]))], axis=1)
         # Missing results last, the rest ascending: the codebook's tie rule picks the lowest row.
         rows = np.sort(np.where(rows < 0, np.iinfo(np.int64).max, rows), axis=1)
         return torch.from_numpy(np.where(rows == np.iinfo(np.int64).max, -1, rows))
 
     def memory_bytes(self) -> int:
         """Bytes held by the graph and its compressed keys, plus the label maps."""
-        return int(self._index.memory_usage) + self._label_of_row.nbytes + self._row_of_label.nbytes
+        return (int(self._index.memory_usage) + self._label_of_row.nbytes + self._row_of_label.nbytes
+                + self._kth_distance.nbytes)

@@ -372,7 +372,7 @@ class Codebook:
         key_index = self._current_index()
         if key_index is None:
             return self.exact_lookup(queries)
-        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu(), self.radii))
 
     def exact_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`lookup` by scanning every key: the B x N distances at key positions, never B x T x N,
@@ -400,7 +400,7 @@ class Codebook:
         if not self._records:
             return self.exact_lookup(queries)
         key_index = self.build_index(self._index_settings or IndexSettings())
-        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu(), self.radii))
 
     def _lookup_candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact lookup restricted to candidate rows (B, K), ascending per query, -1 for none:

@@ -1,8 +1,11 @@
 """The indexed lookup (editor.ann) against the exact scan, on synthetic codebooks CI can afford.
 
-Keys are clustered in 32 dimensions; each entry's radius is a random fraction (0.3 to 1.2) of the
-distance to its nearest other key, so some balls overlap and a query inside several of them must
-get the nearest. Every entry the indexed lookup fires is checked with a float64 distance.
+Keys are clustered in 32 dimensions. `synthetic_book` gives each entry a radius of 0.3 to 1.2 times
+the distance to its nearest other key, so some balls overlap and a query inside several of them must
+get the nearest; `realistic_book` gives radii as a real codebook has them (0.3 to 0.9 times the
+distance to the nearest key with another answer, as the overlap rule allows) with answers shared
+within clusters, so some balls hold many keys. Every entry the indexed lookup fires is checked with
+a float64 distance.
 """
 
 from __future__ import annotations
@@ -51,6 +54,26 @@ def synthetic_book(count: int, distance: str, seed: int = 0) -> Codebook:
     values = torch.zeros(2, DOUT)
     return Codebook.from_stores(spec, {}, [(f"f{i}", f"a{i % 7}", f"i{i}") for i in range(count)], keys,
                                 values, [(0, 2)] * count, radii.tolist(), radii)
+
+
+def realistic_book(count: int, seed: int = 0) -> Codebook:
+    """Cosine keys in clusters of 20 whose members share one of 3 answers per cluster; each radius
+    0.3 to 0.9 times the distance from its key to the nearest key with another answer (computed
+    over every key), so balls of different answers never overlap and one ball may hold many keys."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = clustered_keys(count, generator)
+    clusters = count // 20 + 1
+    answer_of = torch.randint(0, 3 * clusters, (count,), generator=generator)  # (N,)
+    unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
+    nearest = torch.empty(count)
+    for start in range(0, count, 2048):
+        block = 1.0 - unit[start : start + 2048] @ unit.T  # (R, N)
+        block[answer_of[start : start + 2048, None] == answer_of[None, :]] = float("inf")
+        nearest[start : start + 2048] = block.min(dim=1).values
+    radii = nearest * (0.3 + 0.6 * torch.rand(count, generator=generator))  # (N,)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    return Codebook.from_stores(spec, {}, [(f"f{i}", f"a{int(answer_of[i])}", f"i{i}") for i in range(count)],
+                                keys, torch.zeros(2, DOUT), [(0, 2)] * count, radii.tolist(), radii)
 
 
 def queries_near(book: Codebook, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -119,6 +142,54 @@ def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
         scale = queries[same].pow(2).sum(1) + book.keys[exact[same]].pow(2).sum(1)  # (S,)
         assert torch.all((fired_dist[same].pow(2) - exact_dist[same].pow(2)).abs() <= 2e-6 * scale)
     assert book.memory_bytes()["index"] > 0
+
+
+def test_indexed_lookup_agrees_on_realistic_radii() -> None:
+    book = realistic_book(20_000)
+    book.configure_index(ALWAYS)
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, len(book), (3000,), generator=generator)
+    # Half the queries step from a key in a random direction, half towards a random other key of
+    # its cluster (a new input between known ones); both by up to the key's radius.
+    perturbed = queries_near(book, 3000, generator)[:1500]  # (Q/2, Din)
+    others = rows[1500:] // 20 * 20 + torch.randint(0, 20, (1500,), generator=generator)
+    unit = torch.nn.functional.normalize(book.keys, dim=-1)
+    gap = (1.0 - (unit[rows[1500:]] * unit[others]).sum(1)).clamp_min(1e-6)  # (Q/2,)
+    step = (torch.rand(1500, generator=generator) * book.radii[rows[1500:]] / gap).sqrt().clamp(max=1.0)
+    towards = book.keys[rows[1500:]] + step.unsqueeze(1) * (book.keys[others] - book.keys[rows[1500:]])
+    queries = torch.cat([perturbed, towards])  # (Q, Din)
+    exact, _ = book.exact_lookup(queries)
+    fired, distance = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, 3000, 16)], dim=1)
+    fired = fired.long()
+    inside = exact >= 0
+    assert int(inside.sum()) >= 2500
+    agreement = float((fired[inside] == exact[inside]).double().mean())
+    assert agreement >= 0.999, f"indexed lookup agrees with the exact scan on {agreement:.4%} of inputs"
+    assert not bool(((fired >= 0) & ~inside).any())  # nothing fires that the scan would not
+    assert_every_fired_passes_its_radius(book, queries, fired, distance)
+
+
+@pytest.mark.parametrize("scan_wide_balls", [True, False])
+def test_a_wide_ball_behind_many_nearer_keys_is_found_only_by_its_exact_scan(scan_wide_balls: bool) -> None:
+    """A query inside entry 0's wide ball with 40 narrow-balled keys nearer to it than key 0: the
+    graph's 32 candidates cannot include entry 0, so only the wide list can fire it."""
+    generator = torch.Generator().manual_seed(6)
+    query = torch.nn.functional.normalize(torch.randn(DIN, generator=generator), dim=0)  # (Din,)
+    side = torch.nn.functional.normalize(torch.randn(DIN, generator=generator), dim=0)
+    side = torch.nn.functional.normalize(side - (side @ query) * query, dim=0)  # orthogonal to the query
+    wide_key = query + 0.5 * side  # cosine distance to the query about 0.106
+    near = query + 0.1 * torch.nn.functional.normalize(torch.randn(40, DIN, generator=generator), dim=-1)  # (40, Din)
+    far = torch.randn(400, DIN, generator=generator)  # (400, Din) elsewhere
+    keys = torch.cat([wide_key.unsqueeze(0), near, far])  # (N, Din)
+    radii = torch.cat([torch.tensor([0.2]), torch.full((440,), 1e-4)])  # (N,)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", "same", f"i{i}") for i in range(441)], keys,
+                                torch.zeros(2, DOUT), [(0, 2)] * 441, radii.tolist(), radii)
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls))
+    assert int(book.exact_lookup(query.unsqueeze(0))[0][0]) == 0
+    fired, _ = book.lookup(query.unsqueeze(0))
+    assert int(fired[0]) == (0 if scan_wide_balls else -1)
+    assert book.build_index().wide_rows(book.radii).tolist() == ([0] if scan_wide_balls else [])
 
 
 def test_below_the_threshold_the_lookup_is_the_exact_scan_bit_for_bit() -> None:
