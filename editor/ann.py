@@ -47,7 +47,13 @@ class IndexSettings:
     # Also test, for every query, each entry whose radius exceeds the distance from its key to its
     # `neighbours`-th nearest other key ("wide" balls): a query inside such a ball can have more
     # than `neighbours` keys nearer than the ball's own, so the graph's candidates may miss it.
-    scan_wide_balls: bool = True
+    scan_wide_balls: bool = False
+    # After each build, this many keys (chosen by a fixed seed) are searched for: the share found
+    # among their own `neighbours` candidates is the index's `self_recall`. A codebook whose index
+    # finds fewer than `min_self_recall` of them scans exactly instead (keys spread so evenly in
+    # many dimensions that a graph search cannot narrow down, bench/README.md).
+    self_check_keys: int = 1000
+    min_self_recall: float = 0.999
 
     def __post_init__(self) -> None:
         for name in ("threshold", "build_threads"):
@@ -60,6 +66,10 @@ class IndexSettings:
             raise ConfigError(
                 f"expansion_search ({self.expansion_search}) must be at least neighbours ({self.neighbours})"
             )
+        if not 0.0 <= self.min_self_recall <= 1.0:
+            raise ConfigError(f"min_self_recall must be between 0 and 1, got {self.min_self_recall}")
+        if int(self.self_check_keys) < 0:
+            raise ConfigError(f"self_check_keys must be 0 or more, got {self.self_check_keys}")
         if not self.rebuild_fraction > 0:
             raise ConfigError(f"rebuild_fraction must be positive, got {self.rebuild_fraction}")
 
@@ -110,6 +120,18 @@ class KeyIndex:
             self._index.add(self._label_of_row, vectors, threads=settings.build_threads)
             if settings.scan_wide_balls:
                 self._kth_distance = self._kth_distances(vectors, settings.build_threads)
+        self.self_recall = self._self_recall(keys)
+
+    def _self_recall(self, keys: torch.Tensor) -> float:
+        """The share of `self_check_keys` sampled keys (N, Din) found among their own candidates
+        (1.0 for an empty index or no sample)."""
+        n = keys.shape[0]
+        count = min(n, self.settings.self_check_keys)
+        if count == 0:
+            return 1.0
+        rows = np.sort(np.random.default_rng(0).choice(n, size=count, replace=False))  # (S,)
+        found = self.candidates(keys[torch.from_numpy(rows)]).numpy()  # (S, K)
+        return float((found == rows[:, None]).any(axis=1).mean())
 
     def __len__(self) -> int:
         return int(self._label_of_row.shape[0])

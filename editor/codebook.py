@@ -8,6 +8,7 @@ entry (fact id, normalised answer, input fingerprint); the base radii are a tens
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import threading
 from array import array
@@ -23,6 +24,8 @@ from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
 from editor.radius import arrive, resolve_overlaps
 from editor.serialization import pack, save_tensors, unpack
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class Codebook:
         self._index_settings: IndexSettings | None = None  # None: always the exact scan (see above)
         self._index: KeyIndex | None = None
         self._index_lock = threading.Lock()  # one build at a time when lookups share this codebook
+        self._index_refused = False  # whether the built index failed its self-check (logged once)
         self._refresh(list(entries))
 
     def __repr__(self) -> str:
@@ -464,7 +468,15 @@ class Codebook:
         if settings is None or len(self) < settings.threshold:
             self._index = None
             return None
-        return self.build_index(settings)
+        key_index = self.build_index(settings)
+        if key_index.self_recall < settings.min_self_recall:
+            if not self._index_refused:
+                logger.warning("index over %d keys finds %.1f%% of its own keys (below %.1f%%): scanning exactly",
+                               len(self), 100 * key_index.self_recall, 100 * settings.min_self_recall)
+                self._index_refused = True
+            return None
+        self._index_refused = False
+        return key_index
 
     def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, norms, radii) on `device`: for cosine the norms are the keys' inverse norms

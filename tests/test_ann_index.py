@@ -126,6 +126,7 @@ def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
     queries = torch.cat([queries_near(book, 4000, generator),
                          torch.randn(500, DIN, generator=generator) * 4.0])  # (Q, Din)
     exact, exact_dist = book.exact_lookup(queries)
+    assert uses_the_index(book)
     fired, fired_dist = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, len(queries), 16)],
                                   dim=1)
     fired = fired.long()
@@ -159,6 +160,7 @@ def test_indexed_lookup_agrees_on_realistic_radii() -> None:
     towards = book.keys[rows[1500:]] + step.unsqueeze(1) * (book.keys[others] - book.keys[rows[1500:]])
     queries = torch.cat([perturbed, towards])  # (Q, Din)
     exact, _ = book.exact_lookup(queries)
+    assert uses_the_index(book)
     fired, distance = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, 3000, 16)], dim=1)
     fired = fired.long()
     inside = exact >= 0
@@ -185,11 +187,28 @@ def test_a_wide_ball_behind_many_nearer_keys_is_found_only_by_its_exact_scan(sca
     spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
     book = Codebook.from_stores(spec, {}, [(f"f{i}", "same", f"i{i}") for i in range(441)], keys,
                                 torch.zeros(2, DOUT), [(0, 2)] * 441, radii.tolist(), radii)
-    book.configure_index(IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls))
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls,
+                                       min_self_recall=0.0))
     assert int(book.exact_lookup(query.unsqueeze(0))[0][0]) == 0
     fired, _ = book.lookup(query.unsqueeze(0))
     assert int(fired[0]) == (0 if scan_wide_balls else -1)
     assert book.build_index().wide_rows(book.radii).tolist() == ([0] if scan_wide_balls else [])
+
+
+def test_an_index_that_cannot_find_its_own_keys_is_not_used() -> None:
+    """200 copies of one key: each copy's own row is rarely among the 4 candidates its search
+    returns, so the self-check fails and the lookup is the exact scan, bit for bit."""
+    keys = torch.cat([torch.ones(200, DIN), torch.randn(300, DIN, generator=torch.Generator().manual_seed(7))])
+    radii = torch.full((500,), 0.05)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", "same", f"i{i}") for i in range(500)], keys,
+                                torch.zeros(2, DOUT), [(0, 2)] * 500, radii.tolist(), radii)
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, neighbours=4, expansion_search=4))
+    assert book.build_index().self_recall < 0.5
+    queries = queries_near(book, 300, torch.Generator().manual_seed(8))
+    fired, distance = book.lookup(queries)
+    exact, exact_distance_ = book.exact_lookup(queries)
+    assert torch.equal(fired, exact) and torch.equal(distance, exact_distance_)
 
 
 def test_below_the_threshold_the_lookup_is_the_exact_scan_bit_for_bit() -> None:
@@ -216,6 +235,15 @@ def small_book(count: int, settings: IndexSettings | None) -> Codebook:
     return book
 
 
+def uses_the_index(book: Codebook) -> bool:
+    """Whether `lookup` goes through the index (above the threshold, and the index passes its
+    self-check), so that agreement with the exact scan is not agreement of the scan with itself."""
+    settings = book.index_settings
+    if settings is None or len(book) < settings.threshold:
+        return False
+    return book.build_index().self_recall >= settings.min_self_recall
+
+
 def agree_on_own_keys(book: Codebook) -> None:
     """Every entry's own key lies inside its ball: indexed and exact must fire the same entry."""
     fired, distance = book.lookup(book.keys)
@@ -231,6 +259,7 @@ def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
     source = synthetic_book(401, "cosine", seed=4)
     extra = source.entry(400)
     book.add(Entry("extra", extra.answer, "extra-input", extra.key, extra.values, 0.01))
+    assert uses_the_index(book)
     agree_on_own_keys(book)  # 401 entries: through the index
     assert book.memory_bytes()["index"] > 0
     book.remove("extra")
@@ -240,6 +269,7 @@ def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
 
 def test_retract_and_supersede_keep_the_index_in_step() -> None:
     book = small_book(600, ALWAYS)
+    assert uses_the_index(book)
     agree_on_own_keys(book)
     built = book.build_index()
     gone = book.entry(123)
@@ -302,3 +332,5 @@ def test_index_settings_are_validated() -> None:
         IndexSettings(neighbours=64, expansion_search=32)
     with pytest.raises(ConfigError, match="threshold"):
         IndexSettings(threshold=-1)
+    with pytest.raises(ConfigError, match="min_self_recall"):
+        IndexSettings(min_self_recall=1.5)
