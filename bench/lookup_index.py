@@ -229,7 +229,7 @@ def realistic_recall(sizes: list[int], din: int, key_kind: str, settings: Any, q
         built = book.build_index()
         row = {"keys": key_kind, "entries": len(book), "input_size": din,
                "build_seconds": round(time.perf_counter() - tick, 1),
-               "wide_entries": int(len(built.wide_rows(book.radii))),
+               "wide_entries": int(len(built.wide_rows(book.radii))), "self_recall": built.self_recall,
                "index_bytes_per_entry": round(built.memory_bytes() / len(book))}
         row.update(agreement(book, realistic_queries(book, queries, generator)))
         for batch in (1, 16):
@@ -273,6 +273,7 @@ def demo_recall(count: int, test_count: int, settings: Any, seed: int) -> dict[s
     inside = exact >= 0
     return {"entries": count, "input_size": spec.input_size, "distance": spec.distance,
             "build_seconds": round(build, 1), "wide_entries": int(len(book.build_index().wide_rows(book.radii))),
+            "self_recall": book.build_index().self_recall,
             "test_prompts": {"queries": test_count, "inside_some_ball": int(inside.sum()),
                              "same_entry": int((fired[inside] == exact[inside]).sum()),
                              "index_fired_outside_exact": int(((fired >= 0) & ~inside).sum())},

@@ -11,6 +11,14 @@ key it was given, never reused) and maps them to codebook rows, so removing an e
 label and shifts the rows after it instead of rebuilding the graph; a graph that has lost more
 than `IndexSettings.rebuild_fraction` of its keys this way is rebuilt (`stale`).
 
+Two guards against what a graph search misses. After each build the index searches for a fixed
+sample of its own keys (`self_recall`); a codebook scans exactly when too few are found, which is
+what happens on keys spread evenly in many dimensions. And, when `IndexSettings.scan_wide_balls` is
+set, entries whose radius exceeds the distance to their `neighbours`-th nearest key are tested for
+every query beside the graph's candidates: a query inside such a ball may have more than
+`neighbours` keys nearer than the ball's own (off by default: radii as the overlap rule leaves them
+make no such entries in bench/lookup_index.py's codebooks, and finding them doubles the build).
+
 Cosine keys are held as int8 (usearch normalises each key and scales it to [-127, 127]: about
 Din bytes per entry plus the graph), Euclidean keys as float16 (int8 would lose their norms).
 """

@@ -99,12 +99,14 @@ class Codebook:
 
     By default `lookup` scans every key. With `configure_index(IndexSettings(...))`, from the
     settings' threshold on it asks an approximate nearest-neighbour index (`editor.ann.KeyIndex`)
-    for candidates and applies their radius tests exactly. The index is off by default because its
-    recall is below the exact scan's (99.6% of the demo model's test prompts at 20k entries, 17% of
-    random 2,048-d keys at 1M; bench/README.md): an entry it misses answers as the base model. The
-    index is this codebook's own derived data: built on the first lookup that needs it (or by
-    `build_index`), kept in step by `add` and `remove`, rebuilt when missing or stale, and never
-    handed to a copy.
+    for candidates and applies their radius tests exactly; an index that fails its self-check (it
+    finds too few of its own keys, as on keys spread evenly in many dimensions) is not used and the
+    scan stays. The index is off by default: it is rebuilt in every process that loads the codebook
+    (minutes at 100k entries of 2,048 floats on two cores, half an hour at 1M), which costs more
+    than the scan it saves for a short-lived reader, and an entry it misses answers as the base
+    model (bench/README.md). The index is this codebook's own derived data: built on the first
+    lookup that needs it (or by `build_index`), kept in step by `add` and `remove`, rebuilt when
+    missing or stale, and never handed to a copy.
     """
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
