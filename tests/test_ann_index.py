@@ -56,14 +56,16 @@ def synthetic_book(count: int, distance: str, seed: int = 0) -> Codebook:
                                 values, [(0, 2)] * count, radii.tolist(), radii)
 
 
-def realistic_book(count: int, seed: int = 0) -> Codebook:
-    """Cosine keys in clusters of 20 whose members share one of 3 answers per cluster; each radius
-    0.3 to 0.9 times the distance from its key to the nearest key with another answer (computed
-    over every key), so balls of different answers never overlap and one ball may hold many keys."""
+def realistic_book(count: int, seed: int = 0) -> tuple[Codebook, torch.Tensor]:
+    """Cosine keys in clusters (about 20 keys each, as `clustered_keys`), each key with one of 3
+    answers of its cluster; each radius 0.3 to 0.9 times the distance from its key to the nearest
+    key with another answer (computed over every key), so balls of different answers never overlap
+    and one ball may hold many keys. -> the codebook, each entry's cluster (N,)."""
     generator = torch.Generator().manual_seed(seed)
-    keys = clustered_keys(count, generator)
-    clusters = count // 20 + 1
-    answer_of = torch.randint(0, 3 * clusters, (count,), generator=generator)  # (N,)
+    centres = torch.randn(count // 20 + 1, DIN, generator=generator) * 3.0  # (C, Din)
+    cluster = torch.randint(0, centres.shape[0], (count,), generator=generator)  # (N,)
+    keys = (centres[cluster] + torch.randn(count, DIN, generator=generator)).contiguous()  # (N, Din)
+    answer_of = cluster * 3 + torch.randint(0, 3, (count,), generator=generator)  # (N,)
     unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
     nearest = torch.empty(count)
     for start in range(0, count, 2048):
@@ -72,8 +74,9 @@ def realistic_book(count: int, seed: int = 0) -> Codebook:
         nearest[start : start + 2048] = block.min(dim=1).values
     radii = nearest * (0.3 + 0.6 * torch.rand(count, generator=generator))  # (N,)
     spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
-    return Codebook.from_stores(spec, {}, [(f"f{i}", f"a{int(answer_of[i])}", f"i{i}") for i in range(count)],
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", f"a{int(answer_of[i])}", f"i{i}") for i in range(count)],
                                 keys, torch.zeros(2, DOUT), [(0, 2)] * count, radii.tolist(), radii)
+    return book, cluster
 
 
 def queries_near(book: Codebook, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -146,14 +149,15 @@ def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
 
 
 def test_indexed_lookup_agrees_on_realistic_radii() -> None:
-    book = realistic_book(20_000)
+    book, cluster = realistic_book(20_000)
     book.configure_index(ALWAYS)
     generator = torch.Generator().manual_seed(5)
     rows = torch.randint(0, len(book), (3000,), generator=generator)
     # Half the queries step from a key in a random direction, half towards a random other key of
     # its cluster (a new input between known ones); both by up to the key's radius.
     perturbed = queries_near(book, 3000, generator)[:1500]  # (Q/2, Din)
-    others = rows[1500:] // 20 * 20 + torch.randint(0, 20, (1500,), generator=generator)
+    members = [torch.nonzero(cluster == c).squeeze(1) for c in cluster[rows[1500:]].tolist()]
+    others = torch.stack([m[torch.randint(0, len(m), (1,), generator=generator)][0] for m in members])  # (Q/2,)
     unit = torch.nn.functional.normalize(book.keys, dim=-1)
     gap = (1.0 - (unit[rows[1500:]] * unit[others]).sum(1)).clamp_min(1e-6)  # (Q/2,)
     step = (torch.rand(1500, generator=generator) * book.radii[rows[1500:]] / gap).sqrt().clamp(max=1.0)
