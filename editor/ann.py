@@ -46,7 +46,10 @@ class IndexSettings:
     neighbours: int = 32
     connectivity: int = 16  # graph edges per node (HNSW's M)
     expansion_add: int = 128  # candidate list while inserting (ef_construction)
-    expansion_search: int = 64  # candidate list while searching (ef), at least `neighbours`
+    # Candidate list while searching (ef), at least `neighbours`. 128 rather than 64: 100% against
+    # 99.80% of in-ball queries on 100k topic keys, at about twice the time per lookup (2.9 ms at
+    # batch 1 there, against 54 ms for the exact scan; bench/README.md).
+    expansion_search: int = 128
     # Threads used to build the graph; 0 uses every core.
     build_threads: int = 0
     # Rebuild once removed keys exceed this share of the live ones (deleted nodes stay in the
