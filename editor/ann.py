@@ -174,8 +174,11 @@ class KeyIndex:
         kth = np.full(vectors.shape[0], np.inf, dtype=np.float32)
         if vectors.shape[0] < k:
             return kth
+        from usearch.index import BatchMatches
+
         matches = self._index.search(vectors, k, threads=threads)
         distances = np.asarray(matches.distances, dtype=np.float32).reshape(vectors.shape[0], -1)  # (N, k)
+        assert isinstance(matches, BatchMatches)  # several queries give a BatchMatches
         counts = np.asarray(matches.counts).reshape(-1)  # (N,)
         full = counts >= k
         kth[full] = self._distances(distances[full, k - 1])
@@ -242,5 +245,9 @@ class KeyIndex:
 
     def memory_bytes(self) -> int:
         """Bytes held by the graph and its compressed keys, plus the label maps."""
-        return (int(self._index.memory_usage) + self._label_of_row.nbytes + self._row_of_label.nbytes
-                + self._kth_distance.nbytes)
+        return (
+            int(self._index.memory_usage)
+            + self._label_of_row.nbytes
+            + self._row_of_label.nbytes
+            + self._kth_distance.nbytes
+        )

@@ -271,8 +271,9 @@ def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
     assert book.memory_bytes()["index"] == 0
 
 
-def test_retract_and_supersede_keep_the_index_in_step() -> None:
-    book = small_book(600, ALWAYS)
+@pytest.mark.parametrize("scan_wide_balls", [False, True])
+def test_retract_and_supersede_keep_the_index_in_step(scan_wide_balls: bool) -> None:
+    book = small_book(600, IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls))
     assert uses_the_index(book)
     agree_on_own_keys(book)
     built = book.build_index()
