@@ -14,6 +14,12 @@ Recall: queries placed inside random entries' balls (at a cosine distance up to 
 up by the exact scan and by the index; the share of those inside some ball where both fire the same
 entry, and a float64 check of every entry the index fires.
 
+Realistic radii (`--realistic-recall`): radii as the overlap rule leaves them in a real codebook,
+each 0.3 to 0.9 times the distance from its key to the nearest key with another answer, so that no
+two balls of different answers overlap while one ball may hold many keys of its own answer. Keys in
+topics (see `topic_keys`) or uniformly random directions, and the demo model's real keys
+(`--demo-recall`, with easy-VQA's own answers).
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/lookup_index.py --out bench/results/lookup_index.json
 """
 
@@ -90,16 +96,158 @@ def recall(book: Any, count: int, generator: Any) -> dict[str, Any]:
     }
 
 
+TOPIC_SIZE, SUBTOPIC_SIZE = 50, 5
+
+
+def topic_keys(count: int, din: int, generator: Any) -> tuple[Any, Any, Any]:
+    """`count` keys in topics of 50 (one random centre each) made of subtopics of 5 keys (an offset
+    each, half the centre's scale, plus per-key noise of 0.4): the clusters within clusters that
+    prompts about one subject make. Each subtopic has one answer, 2 or 3 answers per topic.
+    -> keys (N, Din), answer codes (N,), distance from each key to the nearest key with another
+    answer (N,), exact: it lies inside the key's topic, which a sample checks against every key."""
+    import torch
+
+    topics = count // TOPIC_SIZE
+    n = topics * TOPIC_SIZE
+    keys = torch.randn(topics, din, generator=generator).repeat_interleave(TOPIC_SIZE, 0)  # (N, Din)
+    keys += 0.5 * torch.randn(n // SUBTOPIC_SIZE, din, generator=generator).repeat_interleave(SUBTOPIC_SIZE, 0)
+    keys += 0.4 * torch.randn(n, din, generator=generator)
+    local = torch.randint(0, 3, (topics, TOPIC_SIZE // SUBTOPIC_SIZE), generator=generator)
+    local[:, 0], local[:, 1] = 0, 1
+    answers = (torch.arange(topics).unsqueeze(1) * 3 + local).repeat_interleave(SUBTOPIC_SIZE, 1).reshape(-1)  # (N,)
+    unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
+    nearest = torch.empty(n)
+    for start in range(0, topics, 256):
+        block = unit[start * TOPIC_SIZE : (start + 256) * TOPIC_SIZE].view(-1, TOPIC_SIZE, din)  # (T, S, Din)
+        within = 1.0 - block @ block.transpose(1, 2)  # (T, S, S)
+        a = answers[start * TOPIC_SIZE : (start + 256) * TOPIC_SIZE].view(-1, TOPIC_SIZE)  # (T, S)
+        within[a.unsqueeze(2) == a.unsqueeze(1)] = float("inf")
+        nearest[start * TOPIC_SIZE : (start + 256) * TOPIC_SIZE] = within.min(dim=2).values.reshape(-1)
+    sample = torch.randint(0, n, (500,), generator=generator)
+    across = 1.0 - unit[sample] @ unit.T  # (500, N)
+    across[(sample // TOPIC_SIZE).unsqueeze(1) == (torch.arange(n) // TOPIC_SIZE).unsqueeze(0)] = float("inf")
+    if not bool((across.min(dim=1).values > nearest[sample]).all()):
+        raise AssertionError("a key of another topic lies nearer than the nearest other answer in its own")
+    return keys, answers, nearest
+
+
+def nearest_other_answer(keys: Any, answers: Any) -> Any:
+    """keys (N, Din), answer codes (N,) -> cosine distance from each key to the nearest key with
+    another answer (N,), exactly, in blocks."""
+    import torch
+
+    unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
+    nearest = torch.empty(keys.shape[0])
+    for start in range(0, keys.shape[0], 2048):
+        block = 1.0 - unit[start : start + 2048] @ unit.T  # (R, N)
+        block[answers[start : start + 2048].unsqueeze(1) == answers.unsqueeze(0)] = float("inf")
+        nearest[start : start + 2048] = block.min(dim=1).values
+    return nearest
+
+
+def realistic_book(spec: Any, keys: Any, answers: Any, nearest: Any, generator: Any) -> Any:
+    """A codebook whose radii are 0.3 to 0.9 times `nearest` (N,), answers as given."""
+    import torch
+
+    from editor.codebook import Codebook
+
+    n = keys.shape[0]
+    radii = nearest.clamp_min(1e-6) * (0.3 + 0.6 * torch.rand(n, generator=generator))  # (N,)
+    values = torch.zeros(2, spec.output_size)
+    return Codebook.from_stores(spec, {}, [(f"f{i}", f"answer {int(answers[i])}", f"input {i}") for i in range(n)],
+                                keys.contiguous(), values, [(0, 2)] * n, radii.tolist(), radii)
+
+
+def realistic_queries(book: Any, count: int, generator: Any) -> Any:
+    """Half the queries step from a random entry's key in a random direction, half towards one of
+    its 64 nearest keys (a new input between known ones); each by up to the entry's radius."""
+    import torch
+
+    rows = torch.randint(0, len(book), (count,), generator=generator)
+    keys, radii = book.keys[rows], book.radii[rows]  # (Q, Din), (Q,)
+    share = torch.rand(count, generator=generator)  # (Q,) how far into the ball
+    half = count // 2
+    direction = torch.nn.functional.normalize(torch.randn(half, keys.shape[1], generator=generator), dim=-1)
+    # A small perpendicular step of angle a moves a key by a cosine distance of about a^2 / 2.
+    angle = (2.0 * radii[:half] * share[:half]).sqrt()  # (Q/2,)
+    stepped = keys[:half] + keys[:half].norm(dim=1, keepdim=True) * angle.unsqueeze(1) * direction
+    unit = torch.nn.functional.normalize(book.keys, dim=-1)  # (N, Din)
+    near = (unit[rows[half:]] @ unit.T).topk(65, dim=1).indices[:, 1:]  # (Q/2, 64)
+    other = near[torch.arange(count - half), torch.randint(0, 64, (count - half,), generator=generator)]
+    gap = (1.0 - (unit[rows[half:]] * unit[other]).sum(1)).clamp_min(1e-9)  # (Q/2,)
+    # Along the segment the cosine distance grows about as (t^2) * gap.
+    t = (share[half:] * radii[half:] / gap).sqrt().clamp(max=1.0)  # (Q/2,)
+    towards = keys[half:] + t.unsqueeze(1) * (book.keys[other] - keys[half:])
+    return torch.cat([stepped, towards])  # (Q, Din)
+
+
+def agreement(book: Any, queries: Any) -> dict[str, Any]:
+    """Exact scan against index (batches of 16) on `queries`; every fired entry checked in float64."""
+    import torch
+
+    exact = book.exact_lookup(queries)[0]
+    fired = torch.cat([book.indexed_lookup(queries[i : i + 16])[0] for i in range(0, len(queries), 16)])
+    inside, hit = exact >= 0, fired >= 0
+    d64 = 1.0 - torch.nn.functional.cosine_similarity(queries[hit].double(), book.keys[fired[hit]].double(), dim=1)
+    return {"queries": len(queries), "inside_some_ball": int(inside.sum()),
+            "same_entry": int((fired[inside] == exact[inside]).sum()),
+            "recall": round(float((fired[inside] == exact[inside]).double().mean()), 5),
+            "index_fired_outside_exact": int((hit & ~inside).sum()),
+            "fired_failing_radius_float64": int((d64 > book.radii[fired[hit]].double() + 1e-6).sum())}
+
+
+def lookup_latency(book: Any, queries: Any, batch: int, calls: int) -> dict[str, float]:
+    """Median ms per `lookup` call at `batch` queries, index and exact scan alternating."""
+    timings: dict[str, list[float]] = {"indexed": [], "exact": []}
+    for call in range(calls):
+        chunk = queries[(call * batch) % (len(queries) - batch) :][:batch]
+        for how, run in (("indexed", book.indexed_lookup), ("exact", book.exact_lookup)):
+            tick = time.perf_counter()
+            run(chunk)
+            timings[how].append(time.perf_counter() - tick)
+    return {f"{how}_ms": round(1e3 * median(t), 2) for how, t in timings.items()}
+
+
+def realistic_recall(sizes: list[int], din: int, key_kind: str, settings: Any, queries: int, seed: int) -> list[Any]:
+    import torch
+
+    from editor.codebook import CodebookSpec
+
+    spec = CodebookSpec("synthetic", "layer", din, 4, "cosine")
+    rows = []
+    for size in sizes:
+        generator = torch.Generator().manual_seed(seed)
+        if key_kind == "topics":
+            keys, answers, nearest = topic_keys(size, din, generator)
+        else:
+            keys = torch.randn(size, din, generator=generator)
+            answers = torch.randint(0, 1000, (size,), generator=generator)
+            nearest = nearest_other_answer(keys, answers)
+        book = realistic_book(spec, keys, answers, nearest, generator)
+        book.configure_index(settings)
+        tick = time.perf_counter()
+        built = book.build_index()
+        row = {"keys": key_kind, "entries": len(book), "input_size": din,
+               "build_seconds": round(time.perf_counter() - tick, 1),
+               "wide_entries": int(len(built.wide_rows(book.radii))), "self_recall": built.self_recall,
+               "index_bytes_per_entry": round(built.memory_bytes() / len(book))}
+        row.update(agreement(book, realistic_queries(book, queries, generator)))
+        for batch in (1, 16):
+            row[f"batch_{batch}"] = lookup_latency(book, realistic_queries(book, 400, generator), batch, 41)
+        print("realistic recall", json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def demo_recall(count: int, test_count: int, settings: Any, seed: int) -> dict[str, Any]:
-    """Recall on the demo model's real keys: `count` easy-VQA training prompts as entries, each with
-    a radius of 0.3 to 1.2 times the distance to its nearest other key (so balls of different
-    answers may overlap, which the overlap rule would forbid: a harder case than a real codebook),
-    queried by `test_count` test-set prompts (new images and questions) and by perturbed keys."""
+    """Recall on the demo model's real keys (`Editor.keys`): `count` easy-VQA training prompts as
+    entries with their own answers, each radius 0.3 to 0.9 times the distance to the nearest key
+    with another answer (as the overlap rule leaves them), queried by `test_count` test-set prompts
+    (new images and questions), by perturbed keys and by points towards neighbouring keys."""
     import easy_vqa
     import torch
 
     import editor
-    from editor.radius import pairwise_distances
 
     backbone = editor.load_backbone("demo")
 
@@ -109,16 +257,13 @@ def demo_recall(count: int, test_count: int, settings: Any, seed: int) -> dict[s
                                for i in range(start, min(number, start + 64))]) for start in range(0, number, 64)]
             return ed.spec, torch.cat(blocks)  # (number, Din)
 
-    spec, keys = keys_of(easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths(), count)
+    questions = easy_vqa.get_train_questions()
+    spec, keys = keys_of(questions, easy_vqa.get_train_image_paths(), count)
     _, test_keys = keys_of(easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), test_count)
     generator = torch.Generator().manual_seed(seed)
-    nearest = torch.empty(count)
-    for start in range(0, count, 2048):
-        block = pairwise_distances(keys[start : start + 2048], keys, spec.distance)  # (R, N)
-        block[torch.arange(block.shape[0]), torch.arange(start, start + block.shape[0])] = float("inf")
-        nearest[start : start + 2048] = block.min(dim=1).values
-    radii = nearest.clamp_min(1e-4) * (0.3 + 0.9 * torch.rand(count, generator=generator))  # (N,)
-    book = synthetic_codebook(spec, {}, keys.contiguous(), radii, torch.zeros(2, spec.output_size))
+    codes = {answer: i for i, answer in enumerate(sorted(set(questions[1])))}
+    answers = torch.tensor([codes[a] for a in questions[1][:count]])  # (N,)
+    book = realistic_book(spec, keys, answers, nearest_other_answer(keys, answers), generator)
     book.configure_index(settings)
     tick = time.perf_counter()
     book.build_index()
@@ -127,11 +272,13 @@ def demo_recall(count: int, test_count: int, settings: Any, seed: int) -> dict[s
     fired, _ = book.indexed_lookup(test_keys)
     inside = exact >= 0
     return {"entries": count, "input_size": spec.input_size, "distance": spec.distance,
-            "build_seconds": round(build, 1),
+            "build_seconds": round(build, 1), "wide_entries": int(len(book.build_index().wide_rows(book.radii))),
+            "self_recall": book.build_index().self_recall,
             "test_prompts": {"queries": test_count, "inside_some_ball": int(inside.sum()),
                              "same_entry": int((fired[inside] == exact[inside]).sum()),
                              "index_fired_outside_exact": int(((fired >= 0) & ~inside).sum())},
-            "perturbed_keys": recall(book, 2000, generator)}
+            "perturbed_keys": recall(book, 2000, generator),
+            "stepped_or_towards_neighbours": agreement(book, realistic_queries(book, 2000, generator))}
 
 
 def main() -> None:
@@ -151,6 +298,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-recall", type=int, default=0,
                         help="only measure recall on this many of the demo model's real keys (writes --out)")
+    parser.add_argument("--realistic-recall", default="",
+                        help="only measure recall with realistic radii at these sizes (writes --out)")
+    parser.add_argument("--keys", choices=["topics", "uniform"], default="topics",
+                        help="synthetic keys for --realistic-recall")
+    parser.add_argument("--input-size", type=int, default=2048, help="key width for --realistic-recall")
     parser.add_argument("--quick", action="store_true", help="0/1000/5000 entries, demo model, 2 repeats")
     parser.add_argument("--out", type=Path, default=Path("bench/results/lookup_index.json"))
     parser.add_argument("--raw", type=Path, default=Path("bench/out/lookup_index_raw.json"))
@@ -167,10 +319,22 @@ def main() -> None:
     from kb_daemon.demo import QUESTION
 
     torch.set_num_threads(args.threads)
+    settings = IndexSettings(threshold=0, build_threads=args.build_threads)
+    for name in ("expansion_add", "expansion_search", "connectivity"):
+        if getattr(args, name) is not None:
+            settings = dataclasses.replace(settings, **{name: getattr(args, name)})
+    if args.realistic_recall:
+        rows = realistic_recall([int(s) for s in args.realistic_recall.split(",")], args.input_size, args.keys,
+                                settings, args.recall_queries, args.seed)
+        report = {"benchmark": "lookup_index_realistic_recall", "index_settings": dataclasses.asdict(settings),
+                  "rows": rows, "machine": machine_facts()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        return
     if args.demo_recall:
-        demo = demo_recall(args.demo_recall, 3000, IndexSettings(threshold=0, build_threads=args.build_threads),
-                           args.seed)
-        report = {"benchmark": "lookup_index_demo_recall", **demo, "machine": machine_facts()}
+        demo = demo_recall(args.demo_recall, 3000, settings, args.seed)
+        report = {"benchmark": "lookup_index_demo_recall", "index_settings": dataclasses.asdict(settings), **demo,
+                  "machine": machine_facts()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
@@ -193,10 +357,6 @@ def main() -> None:
         keys, radii = make_keys(torch.cat(list(query_keys.values())), max(sizes), generator)
         report["key_generation_seconds"] = round(time.perf_counter() - tick, 1)
         values = torch.randn(NEW_TOKENS, spec.output_size, generator=generator) * 0.1  # (L, Dout)
-        settings = IndexSettings(threshold=0, build_threads=args.build_threads)
-        for name in ("expansion_add", "expansion_search", "connectivity"):
-            if getattr(args, name) is not None:
-                settings = dataclasses.replace(settings, **{name: getattr(args, name)})
         report["index_settings"] = dataclasses.asdict(settings)
 
         books: dict[tuple[str, int], Any] = {}

@@ -8,6 +8,7 @@ entry (fact id, normalised answer, input fingerprint); the base radii are a tens
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import threading
 from array import array
@@ -23,6 +24,8 @@ from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
 from editor.radius import arrive, resolve_overlaps
 from editor.serialization import pack, save_tensors, unpack
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,12 +99,14 @@ class Codebook:
 
     By default `lookup` scans every key. With `configure_index(IndexSettings(...))`, from the
     settings' threshold on it asks an approximate nearest-neighbour index (`editor.ann.KeyIndex`)
-    for candidates and applies their radius tests exactly. The index is off by default because its
-    recall is below the exact scan's (99.6% of the demo model's test prompts at 20k entries, 17% of
-    random 2,048-d keys at 1M; bench/README.md): an entry it misses answers as the base model. The
-    index is this codebook's own derived data: built on the first lookup that needs it (or by
-    `build_index`), kept in step by `add` and `remove`, rebuilt when missing or stale, and never
-    handed to a copy.
+    for candidates and applies their radius tests exactly; an index that fails its self-check (it
+    finds too few of its own keys, as on keys spread evenly in many dimensions) is not used and the
+    scan stays. The index is off by default: it is rebuilt in every process that loads the codebook
+    (minutes at 100k entries of 2,048 floats on two cores, half an hour at 1M), which costs more
+    than the scan it saves for a short-lived reader, and an entry it misses answers as the base
+    model (bench/README.md). The index is this codebook's own derived data: built on the first
+    lookup that needs it (or by `build_index`), kept in step by `add` and `remove`, rebuilt when
+    missing or stale, and never handed to a copy.
     """
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
@@ -121,6 +126,7 @@ class Codebook:
         self._index_settings: IndexSettings | None = None  # None: always the exact scan (see above)
         self._index: KeyIndex | None = None
         self._index_lock = threading.Lock()  # one build at a time when lookups share this codebook
+        self._index_refused = False  # whether the built index failed its self-check (logged once)
         self._refresh(list(entries))
 
     def __repr__(self) -> str:
@@ -378,7 +384,7 @@ class Codebook:
         key_index = self._current_index()
         if key_index is None:
             return self.exact_lookup(queries)
-        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu(), self.radii))
 
     def exact_lookup(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`lookup` by scanning every key: the B x N distances at key positions, never B x T x N,
@@ -406,7 +412,7 @@ class Codebook:
         if not self._records:
             return self.exact_lookup(queries)
         key_index = self.build_index(self._index_settings or IndexSettings())
-        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu()))
+        return self._lookup_candidates(queries, key_index.candidates(queries.detach().float().cpu(), self.radii))
 
     def _lookup_candidates(self, queries: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact lookup restricted to candidate rows (B, K), ascending per query, -1 for none:
@@ -470,7 +476,15 @@ class Codebook:
         if settings is None or len(self) < settings.threshold:
             self._index = None
             return None
-        return self.build_index(settings)
+        key_index = self.build_index(settings)
+        if key_index.self_recall < settings.min_self_recall:
+            if not self._index_refused:
+                logger.warning("index over %d keys finds %.1f%% of its own keys (below %.1f%%): scanning exactly",
+                               len(self), 100 * key_index.self_recall, 100 * settings.min_self_recall)
+                self._index_refused = True
+            return None
+        self._index_refused = False
+        return key_index
 
     def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, norms, radii) on `device`: for cosine the norms are the keys' inverse norms

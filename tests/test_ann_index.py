@@ -1,8 +1,11 @@
 """The indexed lookup (editor.ann) against the exact scan, on synthetic codebooks CI can afford.
 
-Keys are clustered in 32 dimensions; each entry's radius is a random fraction (0.3 to 1.2) of the
-distance to its nearest other key, so some balls overlap and a query inside several of them must
-get the nearest. Every entry the indexed lookup fires is checked with a float64 distance.
+Keys are clustered in 32 dimensions. `synthetic_book` gives each entry a radius of 0.3 to 1.2 times
+the distance to its nearest other key, so some balls overlap and a query inside several of them must
+get the nearest; `realistic_book` gives radii as a real codebook has them (0.3 to 0.9 times the
+distance to the nearest key with another answer, as the overlap rule allows) with answers shared
+within clusters, so some balls hold many keys. Every entry the indexed lookup fires is checked with
+a float64 distance.
 """
 
 from __future__ import annotations
@@ -51,6 +54,29 @@ def synthetic_book(count: int, distance: str, seed: int = 0) -> Codebook:
     values = torch.zeros(2, DOUT)
     return Codebook.from_stores(spec, {}, [(f"f{i}", f"a{i % 7}", f"i{i}") for i in range(count)], keys,
                                 values, [(0, 2)] * count, radii.tolist(), radii)
+
+
+def realistic_book(count: int, seed: int = 0) -> tuple[Codebook, torch.Tensor]:
+    """Cosine keys in clusters (about 20 keys each, as `clustered_keys`), each key with one of 3
+    answers of its cluster; each radius 0.3 to 0.9 times the distance from its key to the nearest
+    key with another answer (computed over every key), so balls of different answers never overlap
+    and one ball may hold many keys. -> the codebook, each entry's cluster (N,)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(count // 20 + 1, DIN, generator=generator) * 3.0  # (C, Din)
+    cluster = torch.randint(0, centres.shape[0], (count,), generator=generator)  # (N,)
+    keys = (centres[cluster] + torch.randn(count, DIN, generator=generator)).contiguous()  # (N, Din)
+    answer_of = cluster * 3 + torch.randint(0, 3, (count,), generator=generator)  # (N,)
+    unit = torch.nn.functional.normalize(keys, dim=-1)  # (N, Din)
+    nearest = torch.empty(count)
+    for start in range(0, count, 2048):
+        block = 1.0 - unit[start : start + 2048] @ unit.T  # (R, N)
+        block[answer_of[start : start + 2048, None] == answer_of[None, :]] = float("inf")
+        nearest[start : start + 2048] = block.min(dim=1).values
+    radii = nearest * (0.3 + 0.6 * torch.rand(count, generator=generator))  # (N,)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", f"a{int(answer_of[i])}", f"i{i}") for i in range(count)],
+                                keys, torch.zeros(2, DOUT), [(0, 2)] * count, radii.tolist(), radii)
+    return book, cluster
 
 
 def queries_near(book: Codebook, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -103,6 +129,7 @@ def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
     queries = torch.cat([queries_near(book, 4000, generator),
                          torch.randn(500, DIN, generator=generator) * 4.0])  # (Q, Din)
     exact, exact_dist = book.exact_lookup(queries)
+    assert uses_the_index(book)
     fired, fired_dist = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, len(queries), 16)],
                                   dim=1)
     fired = fired.long()
@@ -119,6 +146,73 @@ def test_indexed_lookup_fires_what_the_exact_scan_fires(distance: str) -> None:
         scale = queries[same].pow(2).sum(1) + book.keys[exact[same]].pow(2).sum(1)  # (S,)
         assert torch.all((fired_dist[same].pow(2) - exact_dist[same].pow(2)).abs() <= 2e-6 * scale)
     assert book.memory_bytes()["index"] > 0
+
+
+def test_indexed_lookup_agrees_on_realistic_radii() -> None:
+    book, cluster = realistic_book(20_000)
+    book.configure_index(ALWAYS)
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.randint(0, len(book), (3000,), generator=generator)
+    # Half the queries step from a key in a random direction, half towards a random other key of
+    # its cluster (a new input between known ones); both by up to the key's radius.
+    perturbed = queries_near(book, 3000, generator)[:1500]  # (Q/2, Din)
+    members = [torch.nonzero(cluster == c).squeeze(1) for c in cluster[rows[1500:]].tolist()]
+    others = torch.stack([m[torch.randint(0, len(m), (1,), generator=generator)][0] for m in members])  # (Q/2,)
+    unit = torch.nn.functional.normalize(book.keys, dim=-1)
+    gap = (1.0 - (unit[rows[1500:]] * unit[others]).sum(1)).clamp_min(1e-6)  # (Q/2,)
+    step = (torch.rand(1500, generator=generator) * book.radii[rows[1500:]] / gap).sqrt().clamp(max=1.0)
+    towards = book.keys[rows[1500:]] + step.unsqueeze(1) * (book.keys[others] - book.keys[rows[1500:]])
+    queries = torch.cat([perturbed, towards])  # (Q, Din)
+    exact, _ = book.exact_lookup(queries)
+    assert uses_the_index(book)
+    fired, distance = torch.cat([torch.stack(book.lookup(queries[i : i + 16])) for i in range(0, 3000, 16)], dim=1)
+    fired = fired.long()
+    inside = exact >= 0
+    assert int(inside.sum()) >= 2500
+    agreement = float((fired[inside] == exact[inside]).double().mean())
+    assert agreement >= 0.999, f"indexed lookup agrees with the exact scan on {agreement:.4%} of inputs"
+    assert not bool(((fired >= 0) & ~inside).any())  # nothing fires that the scan would not
+    assert_every_fired_passes_its_radius(book, queries, fired, distance)
+
+
+@pytest.mark.parametrize("scan_wide_balls", [True, False])
+def test_a_wide_ball_behind_many_nearer_keys_is_found_only_by_its_exact_scan(scan_wide_balls: bool) -> None:
+    """A query inside entry 0's wide ball with 40 narrow-balled keys nearer to it than key 0: the
+    graph's 32 candidates cannot include entry 0, so only the wide list can fire it."""
+    generator = torch.Generator().manual_seed(6)
+    query = torch.nn.functional.normalize(torch.randn(DIN, generator=generator), dim=0)  # (Din,)
+    side = torch.nn.functional.normalize(torch.randn(DIN, generator=generator), dim=0)
+    side = torch.nn.functional.normalize(side - (side @ query) * query, dim=0)  # orthogonal to the query
+    wide_key = query + 0.5 * side  # cosine distance to the query about 0.106
+    near = query + 0.1 * torch.nn.functional.normalize(torch.randn(40, DIN, generator=generator), dim=-1)  # (40, Din)
+    far = torch.randn(400, DIN, generator=generator)  # (400, Din) elsewhere
+    keys = torch.cat([wide_key.unsqueeze(0), near, far])  # (N, Din)
+    radii = torch.cat([torch.tensor([0.2]), torch.full((440,), 1e-4)])  # (N,)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", "same", f"i{i}") for i in range(441)], keys,
+                                torch.zeros(2, DOUT), [(0, 2)] * 441, radii.tolist(), radii)
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls,
+                                       min_self_recall=0.0))
+    assert int(book.exact_lookup(query.unsqueeze(0))[0][0]) == 0
+    fired, _ = book.lookup(query.unsqueeze(0))
+    assert int(fired[0]) == (0 if scan_wide_balls else -1)
+    assert book.build_index().wide_rows(book.radii).tolist() == ([0] if scan_wide_balls else [])
+
+
+def test_an_index_that_cannot_find_its_own_keys_is_not_used() -> None:
+    """200 copies of one key: each copy's own row is rarely among the 4 candidates its search
+    returns, so the self-check fails and the lookup is the exact scan, bit for bit."""
+    keys = torch.cat([torch.ones(200, DIN), torch.randn(300, DIN, generator=torch.Generator().manual_seed(7))])
+    radii = torch.full((500,), 0.05)
+    spec = CodebookSpec("synthetic", "layer", DIN, DOUT, "cosine")
+    book = Codebook.from_stores(spec, {}, [(f"f{i}", "same", f"i{i}") for i in range(500)], keys,
+                                torch.zeros(2, DOUT), [(0, 2)] * 500, radii.tolist(), radii)
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, neighbours=4, expansion_search=4))
+    assert book.build_index().self_recall < 0.5
+    queries = queries_near(book, 300, torch.Generator().manual_seed(8))
+    fired, distance = book.lookup(queries)
+    exact, exact_distance_ = book.exact_lookup(queries)
+    assert torch.equal(fired, exact) and torch.equal(distance, exact_distance_)
 
 
 def test_below_the_threshold_the_lookup_is_the_exact_scan_bit_for_bit() -> None:
@@ -145,6 +239,15 @@ def small_book(count: int, settings: IndexSettings | None) -> Codebook:
     return book
 
 
+def uses_the_index(book: Codebook) -> bool:
+    """Whether `lookup` goes through the index (above the threshold, and the index passes its
+    self-check), so that agreement with the exact scan is not agreement of the scan with itself."""
+    settings = book.index_settings
+    if settings is None or len(book) < settings.threshold:
+        return False
+    return book.build_index().self_recall >= settings.min_self_recall
+
+
 def agree_on_own_keys(book: Codebook) -> None:
     """Every entry's own key lies inside its ball: indexed and exact must fire the same entry."""
     fired, distance = book.lookup(book.keys)
@@ -160,6 +263,7 @@ def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
     source = synthetic_book(401, "cosine", seed=4)
     extra = source.entry(400)
     book.add(Entry("extra", extra.answer, "extra-input", extra.key, extra.values, 0.01))
+    assert uses_the_index(book)
     agree_on_own_keys(book)  # 401 entries: through the index
     assert book.memory_bytes()["index"] > 0
     book.remove("extra")
@@ -167,8 +271,10 @@ def test_crossing_the_threshold_switches_between_scan_and_index() -> None:
     assert book.memory_bytes()["index"] == 0
 
 
-def test_retract_and_supersede_keep_the_index_in_step() -> None:
-    book = small_book(600, ALWAYS)
+@pytest.mark.parametrize("scan_wide_balls", [False, True])
+def test_retract_and_supersede_keep_the_index_in_step(scan_wide_balls: bool) -> None:
+    book = small_book(600, IndexSettings(threshold=0, build_threads=1, scan_wide_balls=scan_wide_balls))
+    assert uses_the_index(book)
     agree_on_own_keys(book)
     built = book.build_index()
     gone = book.entry(123)
@@ -231,3 +337,5 @@ def test_index_settings_are_validated() -> None:
         IndexSettings(neighbours=64, expansion_search=32)
     with pytest.raises(ConfigError, match="threshold"):
         IndexSettings(threshold=-1)
+    with pytest.raises(ConfigError, match="min_self_recall"):
+        IndexSettings(min_self_recall=1.5)
