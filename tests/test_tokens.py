@@ -195,7 +195,7 @@ def test_upgrade_from_0003_adds_the_token_table_and_keeps_the_data(daemon, db):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from kb_daemon.db import include_name
+    from kb_daemon.db import SCHEMA_REVISION, include_name
     from kb_daemon.models import Base
 
     d = daemon
@@ -204,9 +204,9 @@ def test_upgrade_from_0003_adds_the_token_table_and_keeps_the_data(daemon, db):
     assert db.current_revision() == "0003"
     assert "api_tokens" not in sa.inspect(db.engine).get_table_names()
     assert d.kbctl("token", "list", expect=1).stderr == (
-        "Error: database schema is at revision 0003, this code needs 0004; run `kbctl db upgrade`\n")
+        f"Error: database schema is at revision 0003, this code needs {SCHEMA_REVISION}; run `kbctl db upgrade`\n")
 
-    assert d.kbctl("db", "upgrade", "--json") == {"from": "0003", "to": "0004"}
+    assert d.kbctl("db", "upgrade", "--json") == {"from": "0003", "to": SCHEMA_REVISION}
     assert d.kbctl("model", "list", "--json") == models_before
     created = d.kbctl("token", "create", "after-upgrade", "--role", "reader", "--json")
     assert [t["name"] for t in d.kbctl("token", "list", "--json")] == ["after-upgrade"]
