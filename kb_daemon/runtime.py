@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from kb_daemon.config import Settings
+from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, Model
 from kb_daemon.queue import get_model
 from kb_daemon.snapshot_cache import CodebookCache, LoadSource, Snapshot, capture, load_version
@@ -147,20 +148,26 @@ class ModelRuntime:
                 if pending is None:
                     self._cache_writer = None
                     return
-            db, snapshot = pending
-            try:
-                with db.session() as session:
-                    model = get_model(session, snapshot.model_name)
-                    if model.id != snapshot.model_id:
-                        continue  # the model was deleted and its name registered again
-                    version = get_version(session, model, snapshot.number)
-                    rows = manifest_at(session, model, snapshot.number)
-                started = time.perf_counter()
-                path = self.cache.write(snapshot, version, rows, model)
-                logger.info("model %s: version %d cached in %s (%.2f s)", snapshot.model_name, snapshot.number,
-                            path, time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001  (a cache is optional: the database has it all)
-                logger.warning("model %s: version %d not cached: %s", snapshot.model_name, snapshot.number, exc)
+            self._write_one(*pending)
+            del pending
+            # What the write allocated (records, arrays, this thread's arena) goes back now: the
+            # worker's own trim after a job runs before this thread is done.
+            trim_free_memory()
+
+    def _write_one(self, db: Database, snapshot: Snapshot) -> None:
+        try:
+            with db.session() as session:
+                model = get_model(session, snapshot.model_name)
+                if model.id != snapshot.model_id:
+                    return  # the model was deleted and its name registered again
+                version = get_version(session, model, snapshot.number)
+                rows = manifest_at(session, model, snapshot.number)
+            started = time.perf_counter()
+            path = self.cache.write(snapshot, version, rows, model)
+            logger.info("model %s: version %d cached in %s (%.2f s)", snapshot.model_name, snapshot.number,
+                        path, time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001  (a cache is optional: the database has it all)
+            logger.warning("model %s: version %d not cached: %s", snapshot.model_name, snapshot.number, exc)
 
     def wait_for_cache(self) -> None:
         """Wait until the cache writes asked for so far are done."""

@@ -8,14 +8,12 @@ head or the new one.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from kb_daemon.config import Settings
 from kb_daemon.db import Database, DatabaseUnavailable, JSONItems
 from kb_daemon.errors import Conflict, InvalidInput, KbError
 from kb_daemon.ingest import read_inputs
+from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
@@ -113,18 +112,7 @@ def release_free_memory(db: Database | None = None) -> None:
     if db is not None and db.settings.is_sqlite:
         db.engine.dispose()
     gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own symbols (libc)
-    except OSError:
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
+    trim_free_memory()
 
 
 def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, worker: str,
