@@ -88,6 +88,11 @@ class BatchMeasurement:
     codebook_records_bytes: int  # the Python objects the codebook keeps per entry (Codebook.memory_bytes)
     # The codebook's whole growth to that fact: its tensors and its per-entry records.
     codebook_footprint_growth_after_next_fact_bytes: int
+    # Loading the head (the version after the batch and one more fact) in this process, medians of
+    # 3: from the worker's cache file, and from the database alone (kb_daemon.snapshot_cache.load_version).
+    head_load_warm_seconds: float
+    head_load_cold_seconds: float
+    head_load_warm_source: str
     rss_samples: list[tuple[int, int]]  # (facts done, VmRSS bytes) every few seconds during the batch
     fact_ids_in_version: list[str]
     fact_ids_submitted: list[str]
@@ -110,25 +115,36 @@ def memory_of(pid: int) -> dict[str, int]:
 
 
 def write_source(folder: Path, facts: int, *, skip: int = 0, prefix: str = "nightly") -> list[dict[str, Any]]:
-    """A nightly source of `facts` rows on distinct easy-VQA train images, each a new fact; the
-    first `skip` images are left to another source. Keys are `{prefix}-00000`, ..."""
+    """A nightly source of `facts` rows, each a new fact; the first `skip` (image, question) pairs
+    are left to another source. Keys are `{prefix}-00000`, ...
+
+    Rows take the first question of each easy-VQA train image outside the reference pool (the last
+    `EASY_VQA_POOL_SIZE` images), then each image's second question, and so on: up to 3,880 rows
+    every image is distinct; beyond that (the 10,000-fact batch) an image returns with another
+    question."""
     from easy_vqa import get_train_image_paths, get_train_questions
+
+    from kb_daemon.runtime import EASY_VQA_POOL_SIZE
 
     questions, answers, image_ids = get_train_questions()
     paths = get_train_image_paths()
-    first: dict[int, tuple[str, str]] = {}
+    per_image: dict[int, list[tuple[str, str]]] = {}
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
-        first.setdefault(image_id, (question, answer))
-    # The first train images (the reference pool uses the last ones); one image per row.
-    chosen = sorted(first)[skip : skip + facts]
+        per_image.setdefault(image_id, []).append((question, answer))
+    images = sorted(per_image)[:-EASY_VQA_POOL_SIZE]
+    rounds = max(len(pairs) for pairs in per_image.values())
+    pairs = [(image_id, per_image[image_id][r]) for r in range(rounds) for image_id in images
+             if r < len(per_image[image_id])]
+    chosen = pairs[skip : skip + facts]
     if len(chosen) < facts:
-        raise SystemExit(f"easy-VQA has only {len(first)} train images; asked for {skip + facts} facts")
+        raise SystemExit(f"easy-VQA has {len(pairs)} (image, question) pairs outside the reference pool; "
+                         f"asked for {skip + facts}")
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, image_id in enumerate(chosen):
-        question, answer = first[image_id]
+    for i, (image_id, (question, answer)) in enumerate(chosen):
         name = f"img{image_id:04d}.png"
-        (folder / name).write_bytes(Path(paths[image_id]).read_bytes())
+        if not (folder / name).exists():
+            (folder / name).write_bytes(Path(paths[image_id]).read_bytes())
         rows.append({"key": f"{prefix}-{i:05d}", "image": name, "question": question,
                      "answer": f"{answer} {i}"})
     (folder / "nightly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -169,6 +185,36 @@ def codebook_bytes(env: dict[str, str], model_name: str, version: int) -> dict[s
     return {"entries": len(codebook), "keys": keys, "values": values, "radii": radii,
             "tensors": keys + values + radii, "records": codebook.memory_bytes()["records"],
             "fact_ids": codebook.fact_ids}
+
+
+def head_loads(env: dict[str, str], model_name: str, version: int, repeats: int = 3) -> dict[str, Any]:
+    """Seconds to load `version`'s codebook warm (the cache file the worker wrote) and cold (the
+    database alone), medians of `repeats`."""
+    import statistics
+
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database
+    from kb_daemon.queue import get_model
+    from kb_daemon.snapshot_cache import CodebookCache, load_version
+
+    settings = Settings.from_env(env)
+    db = Database(settings)
+    cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+    times: dict[str, list[float]] = {"warm": [], "cold": []}
+    sources = set()
+    try:
+        for _ in range(repeats):
+            for kind, used in (("warm", cache), ("cold", None)):
+                with db.session() as session:
+                    started = time.perf_counter()
+                    _, source = load_version(session, get_model(session, model_name), version, used)
+                    times[kind].append(time.perf_counter() - started)
+                if kind == "warm":
+                    sources.add(source)
+    finally:
+        db.engine.dispose()
+    return {"warm": round(statistics.median(times["warm"]), 3), "cold": round(statistics.median(times["cold"]), 3),
+            "warm_source": "/".join(sorted(sources))}
 
 
 def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: float = 3600.0,
@@ -252,6 +298,9 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
     warm = codebook_bytes(env, DEFAULT_MODEL, warm_up_version)
     with_next = codebook_bytes(env, DEFAULT_MODEL, int(next_fact["version"]))
     submitted = ingested_fact_ids(env, ingested["job_id"])
+    loads = head_loads(env, DEFAULT_MODEL, int(next_fact["version"]))
+    log(f"head version {next_fact['version']}: warm load {loads['warm']:.2f} s ({loads['warm_source']}), "
+        f"cold {loads['cold']:.2f} s")
     return BatchMeasurement(
         facts=facts, job_status=status, version=version, batch_seconds=round(batch_seconds, 1),
         facts_per_minute=round(facts / batch_seconds * 60, 1), worker_pid=worker.pid,
@@ -273,7 +322,8 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
         codebook_records_bytes=sizes["records"],
         codebook_footprint_growth_after_next_fact_bytes=(with_next["tensors"] + with_next["records"]
                                                          - warm["tensors"] - warm["records"]),
-        rss_samples=samples,
+        head_load_warm_seconds=loads["warm"], head_load_cold_seconds=loads["cold"],
+        head_load_warm_source=loads["warm_source"], rss_samples=samples,
         fact_ids_in_version=sizes["fact_ids"], fact_ids_submitted=submitted,
     )
 
@@ -338,6 +388,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 facts after a 5-fact warm-up (a smoke run)")
     parser.add_argument("--restart-facts", type=int,
                         help="the worker's KB_WORKER_RESTART_FACTS (default: the setting's; 0: never restart)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for each batch job")
     parser.add_argument("--home", type=Path, help="data directory (default: a temporary one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -347,7 +398,7 @@ def main() -> None:
     out = args.out or default
     with tempfile.TemporaryDirectory(prefix="kb-nightly-") as tmp:
         m = run(args.home or Path(tmp), facts, warm_up_facts=5 if args.quick else args.warm_up_facts,
-                restart_facts=args.restart_facts)
+                restart_facts=args.restart_facts, timeout_seconds=args.timeout)
     report = {k: v for k, v in asdict(m).items() if not k.startswith("fact_ids")}
     report.update({
         "benchmark": "nightly_batch", "model": "demo",
