@@ -217,6 +217,83 @@ class Codebook:
         book._index_answers()
         return book
 
+    def spliced(self, order: Sequence[int] | torch.Tensor, arriving: Sequence[Entry], radii: torch.Tensor) -> Codebook:
+        """A new codebook whose entry j is this codebook's entry `order[j]` when `order[j] >= 0`,
+        else `arriving[-order[j] - 1]`, with effective radii `radii` (N',), which the caller
+        vouches for (the daemon reads them from the version's spans; the overlap rule is not
+        replayed).
+
+        This codebook is left as it is (a server keeps serving it). The new one copies the key
+        rows in the new order and appends the arriving entries' value rows after this codebook's
+        value rows, so its Python work is one record per arriving entry plus a filter of the
+        records: moving a loaded version by k changes costs O(k) records and blobs, and O(N) only
+        in memory copies. The value rows of entries left out stay in the new store as dead rows
+        until they outnumber a quarter of the live ones, when the store is packed.
+        """
+        order_t = (order if isinstance(order, torch.Tensor) else torch.tensor(list(order))).to(torch.int64)  # (N',)
+        n_new = int(order_t.shape[0])
+        radii = radii.to(torch.float32).reshape(-1)
+        if radii.shape != (n_new,):
+            raise IncompatibleCodebookError(f"{radii.shape[0]} radii for {n_new} entries")
+        old_rows = order_t >= 0  # (N',) bool
+        slots = (-order_t[~old_rows] - 1).tolist()  # the arriving entry of each new slot, in slot order
+        if sorted(slots) != list(range(len(arriving))):
+            raise IncompatibleCodebookError("the order must place every arriving entry exactly once")
+        if bool((order_t[old_rows] >= len(self)).any()):
+            raise IncompatibleCodebookError("the order names an entry this codebook does not hold")
+        for entry in arriving:
+            if entry.key.shape != (self.spec.input_size,) or entry.values.ndim != 2 \
+                    or entry.values.shape[1] != self.spec.output_size:
+                raise IncompatibleCodebookError(f"entry of fact {entry.fact_id!r} does not fit this codebook's layer")
+        book = Codebook(self.spec, self.hparams)
+        book._index_settings = self._index_settings
+        keys = torch.empty(n_new, self.spec.input_size, dtype=self.keys.dtype)  # (N', Din)
+        reaches = torch.empty(n_new, dtype=torch.float32)  # (N',)
+        if bool(old_rows.any()):
+            kept = order_t[old_rows]
+            keys[old_rows] = self.keys[kept]
+            reaches[old_rows] = self.reaches[kept]
+        rows = self._value_rows
+        value_parts, token_parts, new_records = [self._value_store[:rows]], [self._token_store[:rows]], []
+        for slot in slots:
+            entry = arriving[slot]
+            values = entry.values.detach().to(device="cpu", dtype=self._value_store.dtype)  # (L, Dout)
+            new_records.append(_Record(entry.fact_id, entry.answer, entry.input_id, float(entry.base_radius),
+                                       float(entry.reach), rows, int(values.shape[0])))
+            value_parts.append(values)
+            token_parts.append(_token_row(entry))
+            rows += int(values.shape[0])
+        if slots:
+            keys[~old_rows] = torch.stack([arriving[s].key.detach().to("cpu", keys.dtype) for s in slots])
+            reaches[~old_rows] = torch.tensor([float(arriving[s].reach) for s in slots], dtype=torch.float32)
+        arriving_records = iter(new_records)
+        book._records = [self._records[i] if i >= 0 else next(arriving_records) for i in order_t.tolist()]
+        book._key_store, book.keys = keys, keys
+        book._value_store, book._token_store = torch.cat(value_parts), torch.cat(token_parts)
+        book._value_rows = rows
+        book.radii, book.reaches = radii.clone(), reaches
+        live = sum(r.length for r in book._records)
+        if rows - live > live // 4:
+            book._pack_values()
+        book._index_answers()
+        return book
+
+    def _pack_values(self) -> None:
+        """Rewrite the value and token stores to hold only the entries' rows, in entry order."""
+        starts = torch.tensor([r.row for r in self._records], dtype=torch.int64)
+        lengths = torch.tensor([r.length for r in self._records], dtype=torch.int64)
+        total = int(lengths.sum())
+        # Row i of the packed store is row starts[e] + (i - first row of e) of the old one.
+        offsets = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)  # (total,)
+        picked = torch.arange(total, dtype=torch.int64) + offsets
+        self._value_store, self._token_store = self._value_store[picked], self._token_store[picked]
+        first = 0
+        records = []
+        for r in self._records:
+            records.append(dataclasses.replace(r, row=first))
+            first += r.length
+        self._records, self._value_rows = records, total
+
     def _refresh(self, entries: list[Entry], radii: torch.Tensor | None = None) -> list[int]:
         """Rebuild the stores from `entries`; the radii are replayed by the overlap rule unless
         given. Returns, when replayed, the entries whose radius the last entry cut or that cut it."""
@@ -542,7 +619,8 @@ class Codebook:
             "value_lengths": torch.tensor([r.length for r in self._records], dtype=torch.int64),
             "base_radii": torch.tensor([r.base_radius for r in self._records], dtype=torch.float32),
             "reaches": self.reaches.clone(),
-            "answer_ids": self._token_store[: self._value_rows].clone() if n else torch.zeros(0, dtype=torch.int64),
+            "answer_ids": (torch.cat([self.token_rows_of(i) for i in range(n)]) if n
+                           else torch.zeros(0, dtype=torch.int64)),
         }
         header = {
             "spec": {

@@ -22,7 +22,7 @@ from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, Model
 from kb_daemon.queue import get_model
 from kb_daemon.snapshot_cache import CodebookCache, LoadSource, Snapshot, capture, load_version
-from kb_daemon.snapshots import get_blob, get_version, manifest_at, set_spec
+from kb_daemon.snapshots import Materialised, get_blob, get_version, manifest_at, set_spec
 
 if TYPE_CHECKING:
     from kb_daemon.db import Database
@@ -84,6 +84,9 @@ class ModelRuntime:
         self.editor = editor.Editor(backbone, layer=model.layer, reference_pool=pool, **dict(model.hparams))
         self.spec = dataclasses.asdict(self.editor.spec)
         self.version: int | None = None
+        # The entry row id of each codebook entry while `version` is set (None: unknown), so that a
+        # move to another version reads only the spans and blobs that differ.
+        self.entry_ids: list[int] | None = None
         self.hparams = dict(model.hparams)
         self.reference_pool = model.reference_pool
         # Packed codebook files of recent versions ($KB_HOME/cache/codebooks), derived from the database.
@@ -105,17 +108,21 @@ class ModelRuntime:
         set_spec(session, model, self.spec)
 
     def use_version(self, session: Session, model: Model, number: int) -> None:
-        """Load version `number`'s codebook unless it is loaded: from its cache file when it
-        checks out, else from the loaded version reading only the changed entries' blobs, else
-        every blob from the database (see kb_daemon.snapshot_cache.load_version)."""
+        """Load version `number`'s codebook unless it is loaded: from the loaded version by the
+        span changes between the two, else from its cache file when it checks out, else from the
+        loaded version reading only the changed entries' blobs, else every blob from the database
+        (see kb_daemon.snapshot_cache.load_version)."""
         if self.version == number:
             return
         held = self.editor.codebook if self.version is not None else None
-        self.version = None  # unknown until the new codebook is in: a failed load reloads next time
+        base = None
+        if held is not None and self.entry_ids is not None and len(self.entry_ids) == len(held):
+            base = (self.version, Materialised(held, self.entry_ids, 0))
+        self.version, self.entry_ids = None, None  # unknown until the new codebook is in: a failed load reloads
         started = time.perf_counter()
-        loaded, source = load_version(session, model, number, self.cache, held)
+        loaded, source = load_version(session, model, number, self.cache, held, base=base)
         self.editor.load_codebook(loaded.codebook)
-        self.version = number
+        self.version, self.entry_ids = number, list(loaded.entry_ids)
         self.last_load = VersionLoad(number, source, len(loaded.codebook), loaded.blobs_read,
                                      time.perf_counter() - started)
         logger.info("model %s: version %d loaded from the %s (%d entries, %d blobs read, %.2f s)", self.name,
@@ -178,9 +185,15 @@ class ModelRuntime:
                 return
             writer.join()
 
+    def committed(self, number: int | None, entry_ids: list[int]) -> None:
+        """The in-memory codebook is now version `number` (None: a held version, not followed),
+        whose entries are the rows `entry_ids` in codebook order."""
+        self.version = number
+        self.entry_ids = list(entry_ids) if number is not None else None
+
     def invalidate(self) -> None:
         """Forget the loaded version (after a failed job changed the in-memory codebook)."""
-        self.version = None
+        self.version, self.entry_ids = None, None
 
     def to_editor_fact(self, session: Session, fact: Fact) -> Any:
         import editor

@@ -49,6 +49,7 @@ from kb_daemon.snapshots import (
     Materialised,
     collector_paused,
     get_version,
+    materialise_changes,
     materialise_from,
 )
 
@@ -62,7 +63,7 @@ FORMAT_VERSION = "2"
 CHUNK_BYTES = 64 << 20  # the payload digest's chunk: hashed in parallel, each a few tens of ms
 TEMPORARY_MAX_AGE_SECONDS = 3600.0
 # Where a version's codebook came from (see `load_version`).
-LoadSource = Literal["reuse", "cache", "database"]
+LoadSource = Literal["changes", "reuse", "cache", "database"]
 _DTYPES = {"I64": 8, "F64": 8, "F32": 4, "U8": 1}
 # name -> (dtype, rank), in file order (8-byte types first, so every tensor is aligned)
 _TENSORS = {"entry_ids": ("I64", 1), "value_lengths": ("I64", 1), "answer_ids": ("I64", 1),
@@ -381,12 +382,22 @@ def _check_layout(header: dict[str, Any], payload_bytes: int, din: int,
 
 
 def load_version(session: Session, model: Model, number: int, cache: CodebookCache | None,
-                 held: editor.Codebook | None = None) -> tuple[Materialised, LoadSource]:
-    """Version `number`'s codebook and where it came from: "cache" when its cache file checks out
-    (one version row and one file read; about a fifth of the cost of the next way at 10k entries,
-    bench/README.md); else "reuse" when `held` (a codebook equal to a stored version of this
-    model) is given: the version's rows are read, but only the blobs of entries `held` lacks;
-    else "database": every blob read and checked."""
+                 held: editor.Codebook | None = None, *,
+                 base: tuple[int, Materialised] | None = None) -> tuple[Materialised, LoadSource]:
+    """Version `number`'s codebook and where it came from, trying in turn:
+
+    - "changes", when `base` (a version number and that version's codebook with its entry row
+      ids) is given: only the spans that differ between the two versions and the arriving
+      entries' blobs are read, and the codebook is spliced (`snapshots.materialise_changes`);
+    - "cache", when its cache file checks out (one version row and one file read; about a fifth
+      of the cost of a database load at 10k entries, bench/README.md);
+    - "reuse", when `held` (a codebook equal to a stored version of this model) is given: the
+      version's rows are read, but only the blobs of entries `held` lacks;
+    - "database": every row and blob read and checked."""
+    if base is not None:
+        changed = materialise_changes(session, model, number, base[1], base[0])
+        if changed is not None:
+            return changed, "changes"
     if cache is not None and cache.keep_versions > 0:
         loaded = cache.load(session, model, number)
         if loaded is not None:

@@ -259,6 +259,7 @@ class Materialised:
     codebook: editor.Codebook
     entry_ids: list[int]  # the entry row id of each codebook entry, in codebook order
     blobs_read: int  # entries whose tensors came from the database (the others were known)
+    spans_read: int = 0  # span rows read from the database (0: none, e.g. a cache file)
 
 
 def materialise_from(session: Session, model: Model, number: int,
@@ -282,7 +283,98 @@ def materialise_from(session: Session, model: Model, number: int,
         stored = None if not pairs or None in radii else cast("list[float]", radii)
         codebook = codebook_of(session, model, rows, f"version {number} of model {model.name!r}", radii=stored,
                                known=known)
-        return Materialised(codebook, [row.id for row in rows], sum(1 for row in rows if row.id not in known))
+        return Materialised(codebook, [row.id for row in rows], sum(1 for row in rows if row.id not in known),
+                            len(rows))
+
+
+@dataclass(frozen=True)
+class VersionChanges:
+    """What differs between two versions of a model, read from the spans with an end between them."""
+
+    arriving: list[ManifestRow]  # entries of the target (with their radius there) the start lacks, by entry id
+    leaving: set[int]  # entry ids of the start the target lacks (or holds with another radius)
+    spans_read: int  # span rows read: the changes between the two version numbers, not the size
+
+
+def changes_between(session: Session, model: Model, start: int, target: int) -> VersionChanges:
+    """The span changes that turn version `start`'s codebook into version `target`'s.
+
+    A span that is live in exactly one of the two versions has its start or its end in
+    (min, max] of the two numbers; every other span is live in both or in neither. Two indexed
+    range reads (`ix_entry_spans_model_versions`, `ix_entry_spans_model_to_version`) find them:
+    the rows read grow with the changes committed between the two numbers, not with the codebook.
+    """
+    low, high = min(start, target), max(start, target)
+    columns = (EntrySpan.id, Entry.id, Entry.fact_id, Entry.blob_sha256, Entry.answer, Entry.input_id,
+               Entry.base_radius, EntrySpan.radius, EntrySpan.from_version, EntrySpan.to_version)
+    spans: dict[int, tuple[Any, ...]] = {}
+    for condition in (and_(EntrySpan.from_version > low, EntrySpan.from_version <= high),
+                      and_(EntrySpan.to_version > low, EntrySpan.to_version <= high)):
+        for row in session.execute(select(*columns).join(Entry, Entry.id == EntrySpan.entry_id)
+                                   .where(EntrySpan.model_id == model.id, condition)):
+            spans[row[0]] = tuple(row)
+
+    def live(begin: int, end: int | None, number: int) -> bool:
+        return begin <= number and (end is None or end > number)
+
+    arriving: list[ManifestRow] = []
+    leaving: set[int] = set()
+    for _span_id, entry_id, fact_id, blob, answer, input_id, base, radius, begin, end in spans.values():
+        at_start, at_target = live(begin, end, start), live(begin, end, target)
+        if at_target and not at_start:
+            arriving.append(ManifestRow(entry_id, fact_id, blob, answer, input_id, base, radius))
+        elif at_start and not at_target:
+            leaving.add(entry_id)
+    arriving.sort(key=lambda row: row.entry_id)
+    return VersionChanges(arriving, leaving, len(spans))
+
+
+def materialise_changes(session: Session, model: Model, number: int, base: Materialised,
+                        base_number: int) -> Materialised | None:
+    """Version `number`'s codebook made from `base` (version `base_number`'s, with its entry row
+    ids) by applying the span changes between them (`Codebook.spliced`): the blobs read are the
+    arriving entries' that `base` lacks, the span rows read the changes between the two numbers.
+
+    None when the changes cannot be applied that way (a span without a stored radius, or a result
+    whose size is not the version's): the caller then materialises the version in full."""
+    import torch
+
+    from editor.codebook import entry_from_bytes
+
+    version = get_version(session, model, number)
+    with collector_paused():
+        changes = changes_between(session, model, base_number, number)
+        base_ids = torch.as_tensor(base.entry_ids, dtype=torch.int64)  # (N,) ascending
+        if any(row.radius is None for row in changes.arriving) or bool((base_ids[1:] <= base_ids[:-1]).any()):
+            return None  # no stored radius to splice in; a base not in entry order
+        arriving_ids = torch.tensor([row.entry_id for row in changes.arriving], dtype=torch.int64)  # (k,)
+        # An arriving entry that the base holds (its radius changed) keeps the base's tensors.
+        at = torch.searchsorted(base_ids, arriving_ids).clamp_max(max(len(base_ids) - 1, 0))
+        held = (base_ids[at] == arriving_ids) if len(base_ids) else torch.zeros(len(arriving_ids), dtype=torch.bool)
+        fetch = [row for row, known in zip(changes.arriving, held.tolist(), strict=True) if not known]
+        blobs = get_blobs(session, [row.blob_sha256 for row in fetch],
+                          f"version {number} of model {model.name!r}") if fetch else {}
+        codebook = base.codebook
+        arriving = [codebook.entry(int(i)) if known else
+                    entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
+                    for row, known, i in zip(changes.arriving, held.tolist(), at.tolist(), strict=True)]
+        leaving = torch.tensor(sorted(changes.leaving), dtype=torch.int64)
+        kept = torch.nonzero(~torch.isin(base_ids, leaving)).flatten()  # base rows that stay
+        if len(kept) + len(arriving) != version.num_entries:
+            return None
+        # A version's codebook is in entry row id order: merge the kept rows and the arriving ones.
+        ids = torch.cat([base_ids[kept], arriving_ids])
+        sorted_ids, permutation = torch.sort(ids, stable=True)
+        order = torch.cat([kept, -torch.arange(1, len(arriving) + 1, dtype=torch.int64)])[permutation]
+        old = order >= 0
+        radii = torch.empty(len(order), dtype=torch.float32)
+        radii[old] = codebook.radii[order[old]]
+        if arriving:
+            arriving_radii = torch.tensor([float(row.radius) for row in changes.arriving])  # type: ignore[arg-type]
+            radii[~old] = arriving_radii[-order[~old] - 1]
+        spliced = codebook.spliced(order, arriving, radii)
+        entry_ids = sorted_ids.tolist()
+    return Materialised(spliced, entry_ids, len(fetch), changes.spans_read)
 
 
 class ManifestRow(NamedTuple):

@@ -381,3 +381,46 @@ def test_overlap_rule_with_no_reach_is_grace_halving_and_replays_the_same():
         assert torch.equal(replay.radii, book.radii)
         restored = Codebook.from_bytes(book.to_bytes())
         assert torch.equal(restored.radii, book.radii) and torch.equal(restored.reaches, book.reaches)
+
+
+def random_entries(count: int, seed: int, prefix: str = "f") -> list[Entry]:
+    generator = torch.Generator().manual_seed(seed)
+    return [Entry(f"{prefix}{i}", f"answer {i % 4}", f"in-{prefix}{i}", torch.randn(2, generator=generator),
+                  torch.randn(1 + i % 4, 3, generator=generator), 0.5 + i % 3,
+                  torch.arange(1 + i % 4, dtype=torch.int64) + i, float(i % 2) / 10) for i in range(count)]
+
+
+@pytest.mark.parametrize("removed", [[3], list(range(0, 30, 2))])  # dead rows kept / the value store packed
+def test_a_spliced_codebook_equals_one_built_from_its_entries_and_leaves_the_base_alone(removed):
+    base = Codebook(SPEC, {"alpha": 1}, random_entries(30, 0))
+    base_bytes, base_radii = base.to_bytes(), base.radii.clone()
+    arriving = random_entries(3, 1, prefix="new")
+    # The new order: the kept entries with the arriving ones at the front, in the middle and at the end.
+    kept = [i for i in range(30) if i not in removed]
+    order = [-1, *kept[:5], -2, *kept[5:], -3]
+    radii = torch.rand(len(order))
+    spliced = base.spliced(order, arriving, radii)
+    expected_entries = [arriving[-i - 1] if i < 0 else base.entry(i) for i in order]
+    expected = Codebook.with_radii(SPEC, {"alpha": 1}, expected_entries, radii.tolist())
+    assert spliced.to_bytes() == expected.to_bytes()
+    assert torch.equal(spliced.radii, expected.radii) and torch.equal(spliced.reaches, expected.reaches)
+    assert [spliced.answer_ids_of(i).tolist() for i in range(len(order))] == \
+        [expected.answer_ids_of(i).tolist() for i in range(len(order))]
+    queries = torch.randn(64, 2, generator=torch.Generator().manual_seed(2)) * 2
+    assert all(torch.equal(a, b) for a, b in zip(spliced.lookup(queries), expected.lookup(queries), strict=True))
+    dead_rows = spliced._value_rows - sum(int(spliced.values_of(i).shape[0]) for i in range(len(spliced)))
+    assert (dead_rows > 0) == (len(removed) == 1)  # many dead rows: the store was packed
+    spliced.add(entry("later", 9, 9, 0.1, "z"))  # appends after the spliced rows
+    assert spliced.values_of(len(spliced) - 1).tolist() == entry("later", 9, 9, 0.1, "z").values.tolist()
+    assert base.to_bytes() == base_bytes and torch.equal(base.radii, base_radii)
+
+
+def test_a_splice_that_misplaces_an_entry_is_refused():
+    base = Codebook(SPEC, {}, random_entries(4, 0))
+    arriving = random_entries(2, 1, prefix="new")
+    with pytest.raises(IncompatibleCodebookError):
+        base.spliced([0, 1, -1], arriving, torch.ones(3))  # arriving entry 2 has no place
+    with pytest.raises(IncompatibleCodebookError):
+        base.spliced([0, 9, -1, -2], arriving, torch.ones(4))  # no entry 9
+    with pytest.raises(IncompatibleCodebookError):
+        base.spliced([0, -1, -2], arriving, torch.ones(4))  # a radius too many

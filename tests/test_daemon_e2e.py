@@ -67,6 +67,9 @@ def test_submit_ask_rollback_retract(daemon, assets):
     assert ask(d, red)["answer"] == "oblong box"
     assert d.kbctl("rollback", "2", "--wait", "--json")["version"] == 4
     assert ask(d, green)["answer"] == "ring"
+    # The worker moved from the version it had committed to each target by their span changes.
+    assert "version 1 loaded from the changes (1 entries, 0 blobs read" in d.logs()
+    assert "version 2 loaded from the changes (2 entries, 1 blobs read" in d.logs()
     # Old versions stay answerable.
     assert ask(d, red, version=0) == original
 

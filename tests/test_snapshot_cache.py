@@ -221,6 +221,57 @@ def test_moving_a_held_version_reads_only_the_changed_blobs(history, cache, monk
     assert_same(loaded.codebook, database_codebook(db, target))
 
 
+def spans_with_an_end_between(db, low, high):
+    """Span rows of the model that open or close in versions (low, high], counted in SQL."""
+    from sqlalchemy import func, or_, select
+
+    from kb_daemon.models import EntrySpan
+
+    with db.session() as session:
+        return session.execute(select(func.count(EntrySpan.id)).where(
+            EntrySpan.model_id == get_model(session, "tiny").id,
+            or_(EntrySpan.from_version.between(low + 1, high), EntrySpan.to_version.between(low + 1, high)),
+        )).scalar_one()
+
+
+@pytest.mark.parametrize(("start", "target", "blobs"), [
+    (HEAD_ENTRIES + 1, HEAD_ENTRIES, 1),  # a rollback over one retract: the retracted entry comes back
+    (HEAD_ENTRIES, HEAD_ENTRIES + 1, 0),  # the retract itself
+    (HEAD_ENTRIES - 3, HEAD_ENTRIES, 3),  # another worker committed 3 edits in between
+    (HEAD_ENTRIES, 150, 0),  # a rollback over 50 edits: only removals
+    (150, HEAD_ENTRIES + 1, 50),  # forward over 50 edits and the retract of an entry held before them
+    (0, 10, 10),  # from the empty codebook
+    (10, 0, 0),  # to the empty codebook
+])
+def test_moving_by_the_changes_reads_rows_and_blobs_in_proportion_to_them(history, monkeypatch, start, target,
+                                                                          blobs):
+    """The span rows and blobs read are the versions' difference, not their size (counted, not
+    timed), and the spliced codebook is the database's, byte for byte."""
+    from kb_daemon.snapshots import Materialised, materialise_from
+
+    db, _facts = history
+    with db.session() as session:
+        model = get_model(session, "tiny")
+        base = materialise_from(session, model, start, {})
+        differ = set(manifest_at(session, model, start)) ^ set(manifest_at(session, model, target))
+    assert base.spans_read == len(base.codebook)  # a full load reads a span per entry
+    before = base.codebook.to_bytes()
+    reads = counting_blob_reads(monkeypatch)
+    with db.session() as session:
+        loaded, source = load_version(session, get_model(session, "tiny"), target, None,
+                                      base=(start, Materialised(base.codebook, base.entry_ids, 0)))
+    assert source == "changes"
+    assert loaded.blobs_read == reads[0] == blobs
+    # Every span read opens or closes between the two versions; the entries or radii that differ need one each.
+    assert len(differ) <= loaded.spans_read == spans_with_an_end_between(db, min(start, target), max(start, target))
+    if abs(target - start) <= 3:
+        assert loaded.spans_read <= 4 * abs(target - start) + 8 and loaded.spans_read < len(loaded.codebook) // 10
+    assert_same(loaded.codebook, database_codebook(db, target))
+    with db.session() as session:
+        assert loaded.entry_ids == [row.entry_id for row in manifest_at(session, get_model(session, "tiny"), target)]
+    assert base.codebook.to_bytes() == before  # the base is left as it was (a server keeps serving it)
+
+
 def test_load_model_writes_the_cache_then_reads_it_and_rebuilds_a_damaged_one(history, monkeypatch, caplog):
     from tiny_models import image
 
@@ -248,5 +299,6 @@ def test_load_model_writes_the_cache_then_reads_it_and_rebuilds_a_damaged_one(hi
     assert path.exists()  # rebuilt from the database
     reads[0] = 0
     rolled = load_model(db, "tiny", HEAD_ENTRIES, runtime_for=lambda model: again.runtime)
-    assert rolled.runtime.last_load.source == "reuse" and reads[0] == 1
+    # From the version it holds, a runtime reads only the spans and blobs that differ.
+    assert rolled.runtime.last_load.source == "changes" and reads[0] == 1
     assert_same(rolled.runtime.editor.codebook, database_codebook(db, HEAD_ENTRIES))

@@ -342,9 +342,9 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         change_status(job, status)
         job.result = {"version": version.number, "reports": JSONItems(change.reports), **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
-        number = version.number
+        number, entry_ids = version.number, [row.id for row in rows]
         _fault_pause_in_commit(session, job_id, number)
-    runtime.version = None if change.held else number
+    runtime.committed(None if change.held else number, entry_ids)
     return {"job_id": job_id, "status": status.value, "version": number,
             "edits": len(change.reports)}
 
