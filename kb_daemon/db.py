@@ -102,7 +102,7 @@ def make_engine(url: str, sqlite_busy_seconds: float = 30.0) -> Engine:
 
 
 # The migration this code's models match; tests/test_foundation.py checks it is migrations/' head.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 class Database:

@@ -29,7 +29,7 @@ from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
-from kb_daemon.snapshots import codebook_of, commit_version, entry_rows_for, store_entry
+from kb_daemon.snapshots import codebook_of, commit_changes, commit_version, entry_rows_for, store_entry
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,24 @@ class Change:
     stored: set[str] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class Parent:
+    """The head's codebook as a job found it, for the commit to record the job's changes against."""
+
+    number: int
+    fact_ids: list[str]
+    entry_ids: list[int]  # ascending: a version's codebook order
+    radii: Any  # torch.Tensor (N,) float32
+
+    @classmethod
+    def of(cls, runtime: ModelRuntime, head: int) -> Parent | None:
+        """The runtime's codebook when it holds the head with known entry rows, else None."""
+        if runtime.version != head or runtime.entry_ids is None:
+            return None
+        codebook = runtime.editor.codebook
+        return cls(head, codebook.fact_ids, list(runtime.entry_ids), codebook.radii.clone())
+
+
 def run_pending(db: Database, runtime_for: RuntimeFor, model_name: str, worker: str,
                 settings: Settings) -> list[dict[str, Any]]:
     """Apply the model's queued jobs in order until none is left; return one outcome per job."""
@@ -127,8 +145,9 @@ def _run_one(db: Database, runtime_for: RuntimeFor, model_name: str, job: Job, w
         with db.session() as session:  # `kbctl model set`: a job runs with the settings queued before it
             effective = settings_for(session, model, job.seq)
         runtime.configure(effective["hparams"], effective["reference_pool"])
+        parent = Parent.of(runtime, head)
         change = execute(db, runtime, model, job, worker, head, settings.batch_checkpoint_facts, effective)
-        outcome = commit(db, runtime, model_name, job_id, worker, head, change)
+        outcome = commit(db, runtime, model_name, job_id, worker, head, change, parent)
         # The job's appends are over: between jobs the codebook holds one exact copy of its tensors.
         runtime.editor.codebook.compact()
         runtime.write_cache(db, model)  # in the background: the next start reads one file
@@ -314,8 +333,9 @@ def load_canaries(path: str | None) -> list[tuple[Any, str]]:
 
 
 def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, worker: str, head: int,
-           change: Change) -> dict[str, Any]:
-    """Record the job's result as the next version, in one transaction."""
+           change: Change, parent: Parent | None = None) -> dict[str, Any]:
+    """Record the job's result as the next version, in one transaction: as its changes to
+    `parent` (the head's codebook as the job found it) when given, else from the whole codebook."""
     codebook = runtime.editor.codebook
     with db.session() as session:
         model = get_model(session, model_name)
@@ -328,25 +348,57 @@ def commit(db: Database, runtime: ModelRuntime, model_name: str, job_id: int, wo
         if model.head_version != head:
             raise Conflict(f"head moved from {head} to {model.head_version} while job {job_id} ran; it will rerun")
         store_new_entries(session, model, codebook, change)
-        rows = entry_rows_for(session, model, codebook.fact_ids)
-        version = commit_version(
-            session, model, parent=head, kind=change.kind, entries=rows, radii=codebook.radii.tolist(),
-            actor=job.actor, source=job.source,
-            job_id=job.id, summary={"job": job.id, **({"canaries": change.result["canaries"]}
-                                                      if "canaries" in change.result else {})},
-            held=change.held,
-        )
+        summary = {"job": job.id, **({"canaries": change.result["canaries"]} if "canaries" in change.result else {})}
+        recorded = _commit_changes(session, model, codebook, parent, change, job, summary) if parent else None
+        if recorded is None:
+            rows = entry_rows_for(session, model, codebook.fact_ids)
+            recorded = commit_version(
+                session, model, parent=head, kind=change.kind, entries=rows, radii=codebook.radii.tolist(),
+                actor=job.actor, source=job.source, job_id=job.id, summary=summary, held=change.held,
+            ), [row.id for row in rows]
+        version, entry_ids = recorded
         _update_ledger(session, version, change)
         now = utcnow()
         status = JobStatus.HELD if change.held else JobStatus.DONE
         change_status(job, status)
         job.result = {"version": version.number, "reports": JSONItems(change.reports), **change.result}
         job.finished_at, job.lease_owner, job.lease_expires_at, job.error = now, None, None, None
-        number, entry_ids = version.number, [row.id for row in rows]
+        number = version.number
         _fault_pause_in_commit(session, job_id, number)
     runtime.committed(None if change.held else number, entry_ids)
     return {"job_id": job_id, "status": status.value, "version": number,
             "edits": len(change.reports)}
+
+
+def _commit_changes(session: Any, model: Model, codebook: Any, parent: Parent, change: Change, job: Job,
+                    summary: dict[str, Any]) -> tuple[Any, list[int]] | None:
+    """Commit `codebook` as its differences from `parent`: the entries added and removed, and the
+    kept ones whose radius changed (`snapshots.commit_changes`, O(changes) rows). Returns the
+    version and the codebook's entry row ids, or None when it cannot (a version was held after
+    the parent, or the codebook is not in entry order); the caller then commits the whole codebook."""
+    import torch
+
+    known = dict(zip(parent.fact_ids, parent.entry_ids, strict=True))
+    fact_ids = codebook.fact_ids
+    known.update((row.fact_id, row.id) for row in entry_rows_for(session, model, [f for f in fact_ids if f not in known]))
+    child = torch.tensor([known[f] for f in fact_ids], dtype=torch.int64)  # (N',)
+    if bool((child[1:] <= child[:-1]).any()):
+        return None
+    radii = codebook.radii.to(torch.float32)  # (N',)
+    parent_ids = torch.tensor(parent.entry_ids, dtype=torch.int64)  # (N,)
+    if len(parent_ids):
+        in_parent = torch.isin(child, parent_ids)
+        at = torch.searchsorted(parent_ids, child).clamp_max(len(parent_ids) - 1)
+        changed = in_parent & (parent.radii[at] != radii)
+    else:
+        in_parent = changed = torch.zeros(len(child), dtype=torch.bool)
+    arrive = ~in_parent | changed
+    arriving = dict(zip(child[arrive].tolist(), radii[arrive].tolist(), strict=True))
+    leaving = parent_ids[~torch.isin(parent_ids, child)].tolist() + child[changed].tolist()
+    version = commit_changes(session, model, parent=parent.number, kind=change.kind, arriving=arriving,
+                             leaving=leaving, actor=job.actor, source=job.source, job_id=job.id, summary=summary,
+                             held=change.held)
+    return None if version is None else (version, child.tolist())
 
 
 def _fault_pause_in_commit(session: Any, job_id: int, number: int) -> None:
