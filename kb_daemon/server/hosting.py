@@ -320,8 +320,7 @@ class ModelHost:
         if not held:
             from kb_daemon.snapshot_cache import CodebookCache
 
-            settings = self.db.settings
-            cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+            cache = CodebookCache.for_settings(self.db.settings)
             if cache.keep_versions > 0:
                 with self.db.session() as session:
                     cached = cache.load(session, get_model(session, self.name), number)
