@@ -199,7 +199,7 @@ def head_loads(env: dict[str, str], model_name: str, version: int, repeats: int 
 
     settings = Settings.from_env(env)
     db = Database(settings)
-    cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+    cache = CodebookCache.for_settings(settings)
     times: dict[str, list[float]] = {"warm": [], "cold": []}
     sources = set()
     try:

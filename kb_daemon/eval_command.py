@@ -5,11 +5,46 @@ Nothing heavy is imported at module level: torch and the editor load inside the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 METHOD_NAMES = ("balancedit", "grace", "ft", "mend", "ike")
+
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
+
+
+def _output_options(*, json_help: str, plot_help: str) -> Callable[[CommandFunction], CommandFunction]:
+    """`--model`, `--json` and `--plot`, shared by `eval` and `eval-stream`; each command says what
+    its report and its plot hold."""
+
+    def decorate(command: CommandFunction) -> CommandFunction:
+        # Applied innermost first, so that --help lists them as written top to bottom.
+        file_type = click.Path(dir_okay=False, path_type=Path)
+        command = click.option("--plot", "plot_path", type=file_type, help=plot_help)(command)
+        command = click.option("--json", "json_path", type=file_type, help=json_help)(command)
+        model_help = '"demo" or a local model directory.'
+        return click.option("--model", default="demo", show_default=True, help=model_help)(command)
+
+    return decorate
+
+
+def _method_options(*, hparam_help: str, input_name: str) -> Callable[[CommandFunction], CommandFunction]:
+    """`--hparam` and `--pool`, shared by `eval` and `eval-stream`; `input_name` is the command's
+    input file, beside which the reference pool is looked for by default."""
+
+    def decorate(command: CommandFunction) -> CommandFunction:
+        command = click.option(
+            "--pool",
+            "pool_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help=f"Reference pool for hard negatives [default: reference_pool.jsonl beside {input_name}].",
+        )(command)
+        return click.option("--hparam", "hparams", multiple=True, metavar="KEY=VALUE", help=hparam_help)(command)
+
+    return decorate
 
 
 @click.command("eval")
@@ -26,32 +61,14 @@ METHOD_NAMES = ("balancedit", "grace", "ft", "mend", "ike")
     help="Apply every case to one model in file order, then score all (default: each case "
     "alone on the unedited model).",
 )
-@click.option("--model", default="demo", show_default=True, help='"demo" or a local model directory.')
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the full report (per-case results, curve, timings) as JSON.",
-)
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a PNG of the metrics against the number of edits (needs matplotlib).",
+@_output_options(
+    json_help="Write the full report (per-case results, curve, timings) as JSON.",
+    plot_help="Write a PNG of the metrics against the number of edits (needs matplotlib).",
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N cases.")
-@click.option(
-    "--hparam",
-    "hparams",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Method hyperparameter, repeatable (e.g. alpha=0.1, max_steps=50, pool_size=100).",
-)
-@click.option(
-    "--pool",
-    "pool_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Reference pool for hard negatives [default: reference_pool.jsonl beside CASES.jsonl].",
+@_method_options(
+    hparam_help="Method hyperparameter, repeatable (e.g. alpha=0.1, max_steps=50, pool_size=100).",
+    input_name="CASES.jsonl",
 )
 @click.option("--curve-every", type=click.IntRange(min=1), help="Curve point every K edits [default: N/8].")
 def eval_command(
@@ -131,31 +148,13 @@ def eval_command(
 
 @click.command("eval-stream")
 @click.argument("stream", type=click.Path(dir_okay=False, path_type=Path), metavar="STREAM.jsonl")
-@click.option("--model", default="demo", show_default=True, help='"demo" or a local model directory.')
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report (every checkpoint's metrics and probe answers, every operation's seconds) as JSON.",
+@_output_options(
+    json_help="Write the report (every checkpoint's metrics and probe answers, every operation's seconds) as JSON.",
+    plot_help="Write a PNG of the metrics and seconds per operation against operations (needs matplotlib).",
 )
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write a PNG of the metrics and seconds per operation against operations (needs matplotlib).",
-)
-@click.option(
-    "--hparam",
-    "hparams",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="BalancEdit hyperparameter, repeatable (e.g. alpha=0.1, pool_size=100) [default: the editor's].",
-)
-@click.option(
-    "--pool",
-    "pool_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Reference pool for hard negatives [default: reference_pool.jsonl beside STREAM.jsonl].",
+@_method_options(
+    hparam_help="BalancEdit hyperparameter, repeatable (e.g. alpha=0.1, pool_size=100) [default: the editor's].",
+    input_name="STREAM.jsonl",
 )
 def eval_stream_command(
     stream: Path,

@@ -90,7 +90,7 @@ class ModelRuntime:
         self.hparams = dict(model.hparams)
         self.reference_pool = model.reference_pool
         # Packed codebook files of recent versions ($KB_HOME/cache/codebooks), derived from the database.
-        self.cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+        self.cache = CodebookCache.for_settings(settings)
         self.last_load: VersionLoad | None = None  # how the current version's codebook was loaded
         self._cache_lock = threading.Lock()
         self._cache_writer: threading.Thread | None = None  # runs while writes are pending

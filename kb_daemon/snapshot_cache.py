@@ -55,6 +55,7 @@ from kb_daemon.snapshots import (
 
 if TYPE_CHECKING:  # pragma: no cover
     import editor
+    from kb_daemon.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,12 @@ class CodebookCache:
     def __init__(self, root: Path, keep_versions: int = 2) -> None:
         self.root = root
         self.keep_versions = keep_versions
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CodebookCache:
+        """The cache every process of a home shares: $KB_HOME/cache/codebooks, keeping
+        `settings.codebook_cache_versions` versions per model (0: the cache is not used)."""
+        return cls(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
 
     def model_dir(self, model_id: int, model_name: str) -> Path:
         return self.root / f"{model_id}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model_name)}"

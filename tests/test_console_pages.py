@@ -175,3 +175,22 @@ def test_a_held_batch_shows_its_canaries_and_can_be_promoted(console):
     assert f"Promote v{number}" in page
     log_in(client, tokens["editor"])
     assert "Promote v" not in client.get(f"/ui/models/tiny/versions/{number}").text
+
+
+def test_the_console_and_the_api_take_forms_of_the_same_size(console, tiny_assets):
+    from kb_daemon.config import Settings
+
+    d, client, tokens, _evil, _app = console
+    settings = Settings.from_env(d.env)
+    limit = 4 + 2 * (settings.max_rephrases_per_fact + settings.max_negatives_per_fact)
+    red = ("r.png", (tiny_assets / "red.png").read_bytes(), "image/png")
+    fields = {"question": Q, "answer": "box", **{f"extra{i}": "x" for i in range(limit)}}  # limit + 2 fields
+    before = len(d.kbctl("jobs", "--json", "--limit", "100"))
+    csrf = log_in(client, tokens["editor"])
+    page = client.post("/ui/models/tiny/submit", data={**fields, "csrf": csrf}, files={"image": red})
+    assert page.status_code == 400 and f"Too many fields. Maximum number of fields is {limit}." in page.text
+    api = client.post("/v1/models/tiny/facts", data=fields, files={"image": red},
+                      headers={"Authorization": f"Bearer {tokens['editor']}"})
+    assert api.status_code == 400, api.text
+    assert api.json()["error"]["message"] == f"Too many fields. Maximum number of fields is {limit}."
+    assert len(d.kbctl("jobs", "--json", "--limit", "100")) == before

@@ -140,6 +140,55 @@ def test_a_version_change_reads_only_the_changed_entries(tmp_path, tiny_assets):
 
 
 @pytest.mark.slow
+def test_a_head_that_fails_to_load_is_reported_apart_from_a_database_outage(tmp_path, tiny_assets):
+    import sqlalchemy as sa
+
+    from kb_daemon.config import Settings
+    from kb_daemon.db import Database, make_engine
+    from kb_daemon.server.hosting import ModelHost
+
+    d = registered_daemon(tmp_path / "home", None, tiny_assets / "tiny", *FAST)
+    d.start_worker("worker")
+    try:
+        first = submit(d, tiny_assets / "red.png", "box")
+        # No local codebook cache: the host reads the blobs, so the corrupt one is what it meets.
+        db = Database(Settings.from_env({**d.env, "KB_CODEBOOK_CACHE_VERSIONS": "0"}))
+        host = ModelHost(db, "tiny", poll_seconds=3600)  # follows only when woken
+        host.start()
+        try:
+            assert (host.head_number, host.state().database_ok, host.state().last_error) == (first, True, None)
+            second = submit(d, tiny_assets / "green.png", "disc")
+            with db.engine.begin() as connection:  # damage the one blob the new version adds
+                digest = connection.execute(sa.text("SELECT blob_sha256 FROM entries WHERE answer = 'disc'")).scalar()
+                data = connection.execute(sa.text("SELECT data FROM blobs WHERE sha256 = :d"), {"d": digest}).scalar()
+                connection.execute(sa.text("UPDATE blobs SET data = :b WHERE sha256 = :d"),
+                                   {"b": bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]), "d": digest})
+            host.wake()
+            state = wait_until(lambda: host.state() if host.state().last_error else None, 10, "the load to fail")
+            assert (state.database_ok, state.loaded_version, state.head_version) == (True, first, second)
+            assert "fails its SHA-256 check" in state.last_error
+
+            reachable = db.engine
+            db.engine = make_engine(f"sqlite:///{tmp_path / 'no-such-folder' / 'kb.sqlite3'}", 1.0)
+            host.wake()
+            state = wait_until(lambda: host.state() if not host.state().database_ok else None, 10, "the outage")
+            assert state.loaded_version == first and "is unavailable" in state.last_error
+            db.engine.dispose()
+            db.engine = reachable
+
+            back = d.kbctl("rollback", str(first), "--wait", "--json")["version"]
+            host.wake()
+            wait_until(lambda: host.head_number == back, 10, "the host to follow the rollback")
+            state = host.state()
+            assert (state.database_ok, state.last_error, state.lag_versions) == (True, None, 0)
+        finally:
+            host.stop()
+            db.dispose()
+    finally:
+        d.stop_workers()
+
+
+@pytest.mark.slow
 def test_up_serve_runs_worker_and_server_together(tmp_path, tiny_assets):
     import os
     import subprocess

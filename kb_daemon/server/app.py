@@ -45,6 +45,7 @@ from kb_daemon.server.inputs import (
     model_reference,
     open_image,
     question_text,
+    read_form,
     unpack_archive,
     upload_name,
 )
@@ -520,8 +521,7 @@ def create_app(settings: Settings, config: ServerConfig) -> FastAPI:
         """(fields, files) of a JSON object or a multipart form (repeated fields become lists)."""
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
-            limit = 4 + 2 * (settings.max_rephrases_per_fact + settings.max_negatives_per_fact)
-            form = await request.form(max_files=limit, max_fields=limit)
+            form = await read_form(request, settings)
             fields: dict[str, Any] = {}
             files: dict[str, list[UploadFile]] = {}
             for key, value in form.multi_items():

@@ -35,7 +35,7 @@ from kb_daemon.errors import InvalidInput, KbError
 from kb_daemon.models import Role, as_utc
 from kb_daemon.queue import FactInput
 from kb_daemon.server.auth import Forbidden, Unauthorized, require
-from kb_daemon.server.inputs import open_image, question_text
+from kb_daemon.server.inputs import open_image, question_text, read_form
 from kb_daemon.tokens import Identity, digest
 
 if TYPE_CHECKING:
@@ -133,8 +133,7 @@ def console_router(server: Server) -> APIRouter:
         return Viewer(identity, session.csrf)
 
     async def form_of(request: Request, who: Viewer) -> Any:
-        limit = 4 + 2 * (server.settings.max_rephrases_per_fact + server.settings.max_negatives_per_fact)
-        form = await request.form(max_files=limit, max_fields=limit)
+        form = await read_form(request, server.settings)
         if not hmac.compare_digest(str(form.get("csrf", "")), who.csrf):
             raise Forbidden("the form's CSRF token does not match this session; reload the page and try again")
         return form

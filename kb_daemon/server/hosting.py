@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
+from kb_daemon.db import DatabaseUnavailable
 from kb_daemon.errors import InvalidInput, KbError
 from kb_daemon.models import Job, JobStatus, Model
 from kb_daemon.queue import get_model
@@ -273,17 +275,19 @@ class ModelHost:
             self._follow_once()
 
     def _follow_once(self) -> None:
+        head_read = False
         try:
             with self.db.session() as session:
                 head = session.execute(select(Model.head_version).where(Model.name == self.name)).scalar_one()
                 depth = session.execute(select(func.count(Job.id)).join(Model, Model.id == Job.model_id).where(
                     Model.name == self.name, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
                 )).scalar_one()
+            head_read = True
             self._db_head, self._queue_depth, self._last_read = head, depth, time.monotonic()
             if not self._database_ok:
                 if self._last_error is not None:
                     logger.warning("model %s: the database answers again; following the head", self.name)
-                self._database_ok, self._last_error = True, None
+                self._database_ok = True
             current = self._head
             if current is None or current.number != head:
                 if self._behind_since is None:
@@ -296,9 +300,13 @@ class ModelHost:
                     self._remember(current)  # the previous head stays available to pinned requests
                 logger.info("model %s: answering from version %d (%d entries, %d blobs read)", self.name,
                             head, len(loaded.loaded.codebook), loaded.loaded.blobs_read)
+            self._last_error = None
         except Exception as exc:  # noqa: BLE001  (keep answering from the loaded version; retry next poll)
-            first = self._database_ok or self._last_error is None
-            self._database_ok, self._last_error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            # The database is down when the head cannot be read or the load cannot reach it; a load
+            # that fails on what it read (a corrupt blob, say) leaves the database reported reachable.
+            database_ok = head_read and not isinstance(exc, (DatabaseUnavailable, SQLAlchemyError))
+            first = self._last_error is None or database_ok != self._database_ok
+            self._database_ok, self._last_error = database_ok, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             if first:
                 logger.warning("model %s: cannot follow the head (%s); answering from version %s",
                                self.name, self._last_error, self._head.number if self._head else None)
@@ -312,8 +320,7 @@ class ModelHost:
         if not held:
             from kb_daemon.snapshot_cache import CodebookCache
 
-            settings = self.db.settings
-            cache = CodebookCache(settings.home / "cache" / "codebooks", settings.codebook_cache_versions)
+            cache = CodebookCache.for_settings(self.db.settings)
             if cache.keep_versions > 0:
                 with self.db.session() as session:
                     cached = cache.load(session, get_model(session, self.name), number)

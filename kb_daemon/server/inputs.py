@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from starlette.datastructures import FormData
+from starlette.requests import Request
+
 from kb_daemon.config import Settings
 from kb_daemon.errors import InvalidInput, KbError
 from kb_daemon.queue import MAX_QUESTION_CHARS, check_image_bytes, clean_text
@@ -30,6 +33,15 @@ MAX_ARCHIVE_BYTES = 2 * 1024**3
 
 class TooLarge(KbError):
     """A request or an archive beyond the configured size."""
+
+
+async def read_form(request: Request, settings: Settings) -> FormData:
+    """The request's form, with at most as many files and as many fields as a fact with the most
+    rephrases and negatives the settings allow can use; a form with more is refused (400, Starlette's
+    "Too many fields/files" message) while it is parsed. The API and the console read their forms
+    here, so both accept the same forms."""
+    limit = 4 + 2 * (settings.max_rephrases_per_fact + settings.max_negatives_per_fact)
+    return await request.form(max_files=limit, max_fields=limit)
 
 
 def decode_base64(text: str, field: str) -> bytes:
