@@ -415,10 +415,11 @@ def changes_between(session: Session, model: Model, start: int, target: int) -> 
 
 
 def materialise_changes(session: Session, model: Model, number: int, base: Materialised,
-                        base_number: int) -> Materialised | None:
+                        base_number: int, others: Sequence[Materialised] = ()) -> Materialised | None:
     """Version `number`'s codebook made from `base` (version `base_number`'s, with its entry row
-    ids) by applying the span changes between them (`Codebook.spliced`): the blobs read are the
-    arriving entries' that `base` lacks, the span rows read the changes between the two numbers.
+    ids) by applying the span changes between them (`Codebook.spliced`): the blobs read are those
+    of the arriving entries that neither `base` nor `others` (other loaded versions of the model)
+    holds, the span rows read the changes between the two numbers.
 
     None when the changes cannot be applied that way (a span without a stored radius, or a result
     whose size is not the version's): the caller then materialises the version in full."""
@@ -433,16 +434,23 @@ def materialise_changes(session: Session, model: Model, number: int, base: Mater
         if any(row.radius is None for row in changes.arriving) or bool((base_ids[1:] <= base_ids[:-1]).any()):
             return None  # no stored radius to splice in; a base not in entry order
         arriving_ids = torch.tensor([row.entry_id for row in changes.arriving], dtype=torch.int64)  # (k,)
-        # An arriving entry that the base holds (its radius changed) keeps the base's tensors.
-        at = torch.searchsorted(base_ids, arriving_ids).clamp_max(max(len(base_ids) - 1, 0))
-        held = (base_ids[at] == arriving_ids) if len(base_ids) else torch.zeros(len(arriving_ids), dtype=torch.bool)
-        fetch = [row for row, known in zip(changes.arriving, held.tolist(), strict=True) if not known]
+        # An arriving entry that the base holds (its radius changed) keeps the base's tensors, and
+        # one that another loaded version holds takes its tensors from there.
+        codebook = base.codebook
+        found: dict[int, editor.codebook.Entry] = {}
+        for source in (base, *others):
+            ids = torch.as_tensor(source.entry_ids, dtype=torch.int64)
+            if not len(ids) or len(found) == len(arriving_ids):
+                continue
+            at = torch.searchsorted(ids, arriving_ids).clamp_max(len(ids) - 1)
+            for k in torch.nonzero(ids[at] == arriving_ids).flatten().tolist():
+                found.setdefault(k, source.codebook.entry(int(at[k])))
+        fetch = [row for k, row in enumerate(changes.arriving) if k not in found]
         blobs = get_blobs(session, [row.blob_sha256 for row in fetch],
                           f"version {number} of model {model.name!r}") if fetch else {}
-        codebook = base.codebook
-        arriving = [codebook.entry(int(i)) if known else
+        arriving = [found[k] if k in found else
                     entry_from_bytes(blobs[row.blob_sha256], row.fact_id, row.answer, row.input_id, row.base_radius)
-                    for row, known, i in zip(changes.arriving, held.tolist(), at.tolist(), strict=True)]
+                    for k, row in enumerate(changes.arriving)]
         leaving = torch.tensor(sorted(changes.leaving), dtype=torch.int64)
         kept = torch.nonzero(~torch.isin(base_ids, leaving)).flatten()  # base rows that stay
         if len(kept) + len(arriving) != version.num_entries:

@@ -32,7 +32,7 @@ from kb_daemon.errors import InvalidInput, KbError
 from kb_daemon.models import Job, JobStatus, Model
 from kb_daemon.queue import get_model
 from kb_daemon.runtime import ModelRuntime
-from kb_daemon.snapshots import Materialised, materialise_from
+from kb_daemon.snapshots import Materialised, materialise_changes, materialise_from
 
 if TYPE_CHECKING:
     from kb_daemon.db import Database
@@ -312,9 +312,20 @@ class ModelHost:
                                self.name, self._last_error, self._head.number if self._head else None)
 
     def _load(self, number: int, base: LoadedVersion | None) -> LoadedVersion:
-        """Version `number`'s codebook, reusing the entry tensors of `base` and of the cached pinned
-        versions: only the blobs of entries none of them holds are read. With nothing held (the
-        server's start), the worker's local codebook cache is tried first (`kb_daemon.snapshot_cache`)."""
+        """Version `number`'s codebook: from `base` by the span changes between the two versions
+        (`snapshots.materialise_changes`: O(changes) rows and blobs); failing that, reusing the
+        entry tensors of `base` and of the cached pinned versions, so that only the blobs of
+        entries none of them holds are read. With nothing held (the server's start), the worker's
+        local codebook cache is tried first (`kb_daemon.snapshot_cache`)."""
+        if base is not None:
+            with self._pinned_lock:
+                others = [pinned.loaded for pinned in self._pinned.values() if pinned is not base]
+            with self.db.session() as session:
+                changed = materialise_changes(session, get_model(session, self.name), number, base.loaded,
+                                              base.number, others)
+            if changed is not None:
+                self.blobs_read += changed.blobs_read
+                return LoadedVersion(number, changed, dict(zip(changed.codebook.fact_ids, range(len(changed.codebook)))))
         with self._pinned_lock:
             held = [base, *self._pinned.values()] if base is not None else list(self._pinned.values())
         if not held:
