@@ -18,8 +18,12 @@ Measured, each a median of `--repeats` runs (the order of the operations is the 
   was just written, so this is not a cold disk read), i.e. the manifest rows from the database,
   the file's layout and payload digest checked, the codebook built over the file's buffer;
 * rollback k: what a worker's rollback job does when it holds the head: `load_version` from the
-  held codebook to version 2 (k = 1) or 1 (k = 100), then the commit's database work
-  (`entry_rows_for` + `commit_version`, both outside this change), alternating back to the head.
+  held codebook and its entry row ids to version 2 (k = 1) or 1 (k = 100) by their span changes
+  (`materialise_changes`: the spans and blobs read are counted), then the commit of the changes
+  against the version it held (`workers.runner._commit_changes`), alternating back to the head.
+  For comparison, in the same run: the same move reading every span row (`load_version` with
+  only the held codebook, "reuse") and the commit of the whole codebook (`entry_rows_for` +
+  `commit_version`, flushed and then rolled back, so without the final COMMIT).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/version_loads.py --sizes 10000,100000
 """
@@ -34,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from machine import machine_facts  # bench/ is sys.path[0] when a script runs
@@ -115,7 +120,8 @@ def timed(operation: Any, *args: Any) -> tuple[float, Any]:
 def measure(database: dict[str, Any], repeats: int) -> dict[str, Any]:
     from kb_daemon.queue import get_model, lock_model
     from kb_daemon.snapshot_cache import CodebookCache, capture, load_version
-    from kb_daemon.snapshots import commit_version, entry_rows_for, get_version, manifest_at
+    from kb_daemon.snapshots import Materialised, commit_version, entry_rows_for, get_version, manifest_at
+    from workers.runner import Change, Parent, _commit_changes
 
     db, head = database["db"], database["head"]
     cache = CodebookCache(database["home"] / "cache" / "codebooks", keep_versions=2)
@@ -144,24 +150,42 @@ def measure(database: dict[str, Any], repeats: int) -> dict[str, Any]:
             seconds, (warm, source) = timed(load_version, session, model, number, cache)
             assert source == "cache" and warm.codebook.to_bytes() == cold.codebook.to_bytes()
             sample("warm", seconds)
-        held = warm.codebook
+        held, held_number = Materialised(warm.codebook, warm.entry_ids, 0), number
         for k, target in ((1, 2), (TAIL, 1)):
             for number in (target, head):  # away from the head's content by k entries, and back
                 with db.session() as session:
                     model = get_model(session, "bench")
-                    seconds, (moved, source) = timed(load_version, session, model, number, None, held)
-                    assert source == "reuse" and len(moved.codebook) == database["entries"] - (number == target) * k
+                    seconds, (moved, source) = timed(lambda: load_version(session, model, number, None,
+                                                                          base=(held_number, held)))
+                    assert source == "changes" and len(moved.codebook) == database["entries"] - (number == target) * k
                     sample(f"rollback_{k}_load", seconds)
                     blobs.setdefault(f"rollback_{k}_blobs", []).append(moved.blobs_read)
-                with db.session() as session:
+                    blobs.setdefault(f"rollback_{k}_spans", []).append(moved.spans_read)
+                    # The same move the way that reads every span row (and only the missing blobs).
+                    seconds, (reused, source) = timed(load_version, session, model, number, None, held.codebook)
+                    assert source == "reuse" and reused.codebook.to_bytes() == moved.codebook.to_bytes()
+                    sample(f"rollback_{k}_load_reuse", seconds)
+                with db.session() as session:  # the commit of the whole codebook, rolled back: for comparison
                     tick = time.perf_counter()
                     model = lock_model(session, get_model(session, "bench").id)
                     commit_version(session, model, parent=model.head_version, kind="rollback",
                                    entries=entry_rows_for(session, model, moved.codebook.fact_ids),
                                    radii=moved.codebook.radii.tolist(), actor="bench", source="bench", job_id=None,
                                    summary={"rolled_back_to": number})
-                    sample(f"rollback_{k}_commit", time.perf_counter() - tick)
-                held = moved.codebook
+                    sample(f"rollback_{k}_commit_whole", time.perf_counter() - tick)
+                    session.rollback()
+                with db.session() as session:  # the worker's commit: the changes to the version it held
+                    tick = time.perf_counter()
+                    model = lock_model(session, get_model(session, "bench").id)
+                    parent = Parent(held_number, held.codebook.fact_ids, held.entry_ids, held.codebook.radii.clone())
+                    job = SimpleNamespace(id=None, actor="bench", source="bench")
+                    recorded = _commit_changes(session, model, moved.codebook, parent, Change("rollback"), job,
+                                               {"rolled_back_to": number})
+                    assert recorded is not None
+                    version, entry_ids = recorded
+                    held_number = version.number
+                sample(f"rollback_{k}_commit", time.perf_counter() - tick)
+                held = Materialised(moved.codebook, entry_ids, 0)
     result: dict[str, Any] = {name: round(statistics.median(values), 4) for name, values in samples.items()}
     result.update({name: max(values) for name, values in blobs.items()})  # the way back reads the k blobs
     result["runs"] = repeats
@@ -215,7 +239,8 @@ def per_entry(rows: list[dict[str, Any]]) -> dict[str, float]:
     largest = rows[-1]
     return {name: round(largest[name] / largest["entries"] * 1e6, 2)
             for name in ("cold", "warm", "cache_capture", "cache_write", "rollback_1_load", "rollback_1_commit",
-                         "rollback_100_load", "rollback_100_commit")}
+                         "rollback_100_load", "rollback_100_commit", "rollback_1_load_reuse",
+                         "rollback_1_commit_whole")}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -227,15 +252,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"SQLite {machine['sqlite']}, load average at the end {machine['load_average'][0]:.1f}.",
         "",
         "| entries | tensors MB | head cold (database) | head warm (cache) | cache capture + write | cache file MB "
-        "| rollback 1: load (blobs) + commit | rollback 100: load (blobs) + commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rollback 1: load (spans, blobs) + commit | rollback 100: load (spans, blobs) + commit "
+        "| rollback 1 reading every row: load + whole commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
             f"| {row['entries']:,} | {row['tensor_bytes'] / 1e6:.0f} | {row['cold']:.3f} | {row['warm']:.3f} "
             f"| {row['cache_capture']:.3f} + {row['cache_write']:.3f} | {row['cache_file_bytes'] / 1e6:.0f} "
-            f"| {row['rollback_1_load']:.3f} ({row['rollback_1_blobs']:.0f}) + {row['rollback_1_commit']:.3f} "
-            f"| {row['rollback_100_load']:.3f} ({row['rollback_100_blobs']:.0f}) + {row['rollback_100_commit']:.3f} |"
+            f"| {row['rollback_1_load']:.3f} ({row['rollback_1_spans']:.0f}, {row['rollback_1_blobs']:.0f}) "
+            f"+ {row['rollback_1_commit']:.3f} "
+            f"| {row['rollback_100_load']:.3f} ({row['rollback_100_spans']:.0f}, {row['rollback_100_blobs']:.0f}) "
+            f"+ {row['rollback_100_commit']:.3f} "
+            f"| {row['rollback_1_load_reuse']:.3f} + {row['rollback_1_commit_whole']:.3f} |"
         )
     lines += ["", "Microseconds per entry at the largest size: " + json.dumps(report["per_entry_us"]), ""]
     return "\n".join(lines)

@@ -381,6 +381,18 @@ class VersionChanges:
     spans_read: int  # span rows read: the changes between the two version numbers, not the size
 
 
+def _range_conditions(start: int, target: int) -> tuple[Any, Any]:
+    low, high = min(start, target), max(start, target)
+    return (and_(EntrySpan.from_version > low, EntrySpan.from_version <= high),
+            and_(EntrySpan.to_version > low, EntrySpan.to_version <= high))
+
+
+def count_changes_between(session: Session, model: Model, start: int, target: int) -> int:
+    """An upper bound of the span rows `changes_between` reads (two index range counts)."""
+    return sum(session.execute(select(func.count(EntrySpan.id)).where(EntrySpan.model_id == model.id, condition))
+               .scalar_one() for condition in _range_conditions(start, target))
+
+
 def changes_between(session: Session, model: Model, start: int, target: int) -> VersionChanges:
     """The span changes that turn version `start`'s codebook into version `target`'s.
 
@@ -389,12 +401,10 @@ def changes_between(session: Session, model: Model, start: int, target: int) -> 
     range reads (`ix_entry_spans_model_versions`, `ix_entry_spans_model_to_version`) find them:
     the rows read grow with the changes committed between the two numbers, not with the codebook.
     """
-    low, high = min(start, target), max(start, target)
     columns = (EntrySpan.id, Entry.id, Entry.fact_id, Entry.blob_sha256, Entry.answer, Entry.input_id,
                Entry.base_radius, EntrySpan.radius, EntrySpan.from_version, EntrySpan.to_version)
     spans: dict[int, tuple[Any, ...]] = {}
-    for condition in (and_(EntrySpan.from_version > low, EntrySpan.from_version <= high),
-                      and_(EntrySpan.to_version > low, EntrySpan.to_version <= high)):
+    for condition in _range_conditions(start, target):
         for row in session.execute(select(*columns).join(Entry, Entry.id == EntrySpan.entry_id)
                                    .where(EntrySpan.model_id == model.id, condition)):
             spans[row[0]] = tuple(row)
@@ -422,12 +432,16 @@ def materialise_changes(session: Session, model: Model, number: int, base: Mater
     holds, the span rows read the changes between the two numbers.
 
     None when the changes cannot be applied that way (a span without a stored radius, or a result
-    whose size is not the version's): the caller then materialises the version in full."""
+    whose size is not the version's), or when more spans changed between the two numbers than the
+    version holds entries (a rollback far back in a busy history): the caller then materialises
+    the version in full."""
     import torch
 
     from editor.codebook import entry_from_bytes
 
     version = get_version(session, model, number)
+    if count_changes_between(session, model, base_number, number) > max(version.num_entries, 64):
+        return None
     with collector_paused():
         changes = changes_between(session, model, base_number, number)
         base_ids = torch.as_tensor(base.entry_ids, dtype=torch.int64)  # (N,) ascending

@@ -238,7 +238,7 @@ def spans_with_an_end_between(db, low, high):
     (HEAD_ENTRIES + 1, HEAD_ENTRIES, 1),  # a rollback over one retract: the retracted entry comes back
     (HEAD_ENTRIES, HEAD_ENTRIES + 1, 0),  # the retract itself
     (HEAD_ENTRIES - 3, HEAD_ENTRIES, 3),  # another worker committed 3 edits in between
-    (HEAD_ENTRIES, 150, 0),  # a rollback over 50 edits: only removals
+    (HEAD_ENTRIES, 180, 0),  # a rollback over 20 edits: only removals
     (150, HEAD_ENTRIES + 1, 50),  # forward over 50 edits and the retract of an entry held before them
     (0, 10, 10),  # from the empty codebook
     (10, 0, 0),  # to the empty codebook
@@ -270,6 +270,22 @@ def test_moving_by_the_changes_reads_rows_and_blobs_in_proportion_to_them(histor
     with db.session() as session:
         assert loaded.entry_ids == [row.entry_id for row in manifest_at(session, get_model(session, "tiny"), target)]
     assert base.codebook.to_bytes() == before  # the base is left as it was (a server keeps serving it)
+
+
+def test_a_move_across_more_span_changes_than_entries_loads_the_version_in_full(history):
+    """Rolling 200 entries back to 150 crosses the spans of 50 edits and of the radii they cut:
+    more rows than the target's 150 entries, so the version is read whole instead."""
+    from kb_daemon.snapshots import Materialised, materialise_from
+
+    db, _facts = history
+    assert spans_with_an_end_between(db, 150, HEAD_ENTRIES) > 150
+    with db.session() as session:
+        model = get_model(session, "tiny")
+        base = materialise_from(session, model, HEAD_ENTRIES, {})
+        loaded, source = load_version(session, model, 150, None, base.codebook,
+                                      base=(HEAD_ENTRIES, Materialised(base.codebook, base.entry_ids, 0)))
+    assert (source, loaded.spans_read, loaded.blobs_read) == ("reuse", 150, 0)
+    assert_same(loaded.codebook, database_codebook(db, 150))
 
 
 def test_load_model_writes_the_cache_then_reads_it_and_rebuilds_a_damaged_one(history, monkeypatch, caplog):
