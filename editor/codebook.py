@@ -322,6 +322,10 @@ class Codebook:
         return touched
 
     def _index_answers(self) -> None:
+        # Fact id -> row and input id -> rows, built on first use (a server's codebook that is only
+        # looked up never pays for them) and kept up to date by appends.
+        self._row_of_fact: dict[str, int] | None = None
+        self._rows_of_input: dict[str, list[int]] | None = None
         self._code_of = {}
         self._codes = array("i", (self._code_of.setdefault(r.answer, len(self._code_of)) for r in self._records))
 
@@ -382,11 +386,28 @@ class Codebook:
         self.keys = self._key_store
         self._device_cache = {}  # it may hold a view of the old key store
 
+    def _fact_rows(self) -> dict[str, int]:
+        if self._row_of_fact is None:
+            self._row_of_fact = {r.fact_id: i for i, r in enumerate(self._records)}
+        return self._row_of_fact
+
+    def _input_rows(self) -> dict[str, list[int]]:
+        if self._rows_of_input is None:
+            rows: dict[str, list[int]] = {}
+            for i, r in enumerate(self._records):
+                rows.setdefault(r.input_id, []).append(i)
+            self._rows_of_input = rows
+        return self._rows_of_input
+
+    def has_fact(self, fact_id: str) -> bool:
+        """Whether the codebook holds an entry of `fact_id` (a dictionary lookup)."""
+        return fact_id in self._fact_rows()
+
     def index_of(self, fact_id: str) -> int:
-        for i, record in enumerate(self._records):
-            if record.fact_id == fact_id:
-                return i
-        raise EditorError(f"no entry for fact {fact_id!r} in the codebook")
+        row = self._fact_rows().get(fact_id)
+        if row is None:
+            raise EditorError(f"no entry for fact {fact_id!r} in the codebook")
+        return row
 
     def add(self, entry: Entry) -> tuple[list[str], list[str]]:
         """Add an entry; an older entry for the same input is superseded (removed).
@@ -401,9 +422,10 @@ class Codebook:
             raise IncompatibleCodebookError(
                 f"values of shape {tuple(entry.values.shape)} do not fit layer output size {self.spec.output_size}"
             )
-        superseded_rows = [i for i, r in enumerate(self._records) if r.input_id == entry.input_id]
+        superseded_rows = list(self._input_rows().get(entry.input_id, ()))
         superseded = [self._records[i].fact_id for i in superseded_rows]
-        if any(r.fact_id == entry.fact_id and r.input_id != entry.input_id for r in self._records):
+        held = self._fact_rows().get(entry.fact_id)
+        if held is not None and self._records[held].input_id != entry.input_id:
             raise EditorError(f"fact id {entry.fact_id!r} is already in the codebook")
         base_radius = float(torch.tensor(entry.base_radius, dtype=torch.float32))
         reach = float(torch.tensor(entry.reach, dtype=torch.float32))
@@ -426,6 +448,11 @@ class Codebook:
             row = self._append(key, values, tokens)
             self._records.append(_Record(entry.fact_id, entry.answer, entry.input_id, base_radius, reach, row,
                                          int(values.shape[0])))
+            new_row = len(self._records) - 1
+            if self._row_of_fact is not None:
+                self._row_of_fact[entry.fact_id] = new_row
+            if self._rows_of_input is not None:
+                self._rows_of_input.setdefault(entry.input_id, []).append(new_row)
             self._codes.append(self._code_of.setdefault(entry.answer, len(self._code_of)))
             self.radii = torch.cat([self.radii, torch.tensor([base_radius])])  # (N,)
             self.reaches = torch.cat([self.reaches, torch.tensor([reach])])  # (N,)

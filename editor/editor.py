@@ -247,7 +247,7 @@ class Editor:
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        missing = sorted(set(supersedes) - set(self.codebook.fact_ids))
+        missing = sorted(f for f in set(supersedes) if not self.codebook.has_fact(f))
         if missing:
             raise EditorError(f"cannot supersede {', '.join(missing)}: not in the codebook")
         query, input_id, fact_id, target_length = self._identify(fact)
@@ -314,8 +314,10 @@ class Editor:
         entry's, with its radius before and after and what its own input answers now."""
         book = self.codebook
         conflicts = []
+        wanted = set(fact_ids)
+        row_before = {fact_id: i for i, fact_id in enumerate(ids_before) if fact_id in wanted} if wanted else {}
         for fact_id in dict.fromkeys(fact_ids):
-            if fact_id not in ids_before or fact_id not in book.fact_ids:
+            if fact_id not in row_before or not book.has_fact(fact_id):
                 continue  # superseded by the new entry
             index = book.index_of(fact_id)
             if book.entry_answer(index) == entry.answer:
@@ -324,7 +326,7 @@ class Editor:
             conflicts.append(Conflict(
                 fact_id, book.entry_answer(index),
                 "fires_on_new_input" if fact_id in fired_before else "overlaps",
-                float(radii_before[ids_before.index(fact_id)]), float(book.radii[index]),
+                float(radii_before[row_before[fact_id]]), float(book.radii[index]),
                 book.entry_answer(int(now[0])) if int(now[0]) >= 0 else None,
             ))
         return conflicts

@@ -301,7 +301,7 @@ def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: st
 
     # The fact named by --supersedes leaves with this edit; one that already left the head (a
     # retract or rollback queued in between) is not an error: the report says so.
-    supersedes = [named] if named and named in runtime.editor.codebook.fact_ids else []
+    supersedes = [named] if named and runtime.editor.codebook.has_fact(named) else []
     report = runtime.editor.apply(editor_fact, progress=on_steps, supersedes=supersedes)
     change.applied.append(fact_id)
     for old in report.superseded:
@@ -313,7 +313,7 @@ def _apply_fact(db: Database, runtime: ModelRuntime, change: Change, fact_id: st
 
 
 def _retract(runtime: ModelRuntime, change: Change, fact_id: str) -> None:
-    if fact_id not in runtime.editor.codebook.fact_ids:
+    if not runtime.editor.codebook.has_fact(fact_id):
         raise InvalidInput(f"fact {fact_id} is not in the head version; nothing to retract")
     runtime.editor.retract(fact_id)
     change.retracted.append(fact_id)
