@@ -212,12 +212,7 @@ def commit_version(
         content_sha256=content_hash(entries),
         num_entries=len(entries), held=held, actor=actor, source=source, job_id=job_id,
     )
-    session.add(version)
-    if not held:
-        model.head_version = number
-        announce_head(session, model)
-    session.flush()
-    return version
+    return _record_version(session, model, version)
 
 
 def commit_changes(
@@ -277,9 +272,14 @@ def commit_changes(
         num_entries=parent_version.num_entries + len(added) - len(removed), held=held, actor=actor, source=source,
         job_id=job_id,
     )
+    return _record_version(session, model, version)
+
+
+def _record_version(session: Session, model: Model, version: Version) -> Version:
+    """Add `version` and, unless it is held, make it the model's head (announced to servers)."""
     session.add(version)
-    if not held:
-        model.head_version = number
+    if not version.held:
+        model.head_version = version.number
         announce_head(session, model)
     session.flush()
     return version
