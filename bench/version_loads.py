@@ -31,6 +31,7 @@ Measured, each a median of `--repeats` runs (the order of the operations is the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sqlite3
@@ -168,8 +169,8 @@ def measure(database: dict[str, Any], repeats: int, lean: bool = False) -> dict[
             for number in (target, head):  # away from the head's content by k entries, and back
                 with db.session() as session:
                     model = get_model(session, "bench")
-                    seconds, (moved, source) = timed(lambda: load_version(session, model, number, None,
-                                                                          base=(held_number, held)))
+                    seconds, (moved, source) = timed(functools.partial(load_version, base=(held_number, held)),
+                                                     session, model, number, None)
                     # A move across more span changes than the version holds reads it whole (tiny sizes).
                     assert len(moved.codebook) == database["entries"] - (number == target) * k
                     sources.setdefault(f"rollback_{k}_source", set()).add(source)

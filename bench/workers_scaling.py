@@ -149,7 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.reference_pool = "easy-vqa:8"
-    out = args.out or ROOT / "bench" / ("out/workers_scaling-quick.json" if args.quick else "results/workers_scaling.json")
+    default = "out/workers_scaling-quick.json" if args.quick else "results/workers_scaling.json"
+    out = args.out or ROOT / "bench" / default
 
     postgres = PostgresServer(require_bin_dir())
     server_url = postgres.start()

@@ -201,7 +201,9 @@ def commit_version(
     else:
         parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
     fact_of = {e.id: e.fact_id for e in entries}
-    removed_rows = session.execute(select(Entry.fact_id).where(Entry.id.in_(parent_ids - wanted.keys()))).scalars()
+    gone = sorted(parent_ids - wanted.keys())
+    removed_rows = [fact_id for start in range(0, len(gone), IN_CHUNK) for fact_id in session.execute(
+        select(Entry.fact_id).where(Entry.id.in_(gone[start : start + IN_CHUNK]))).scalars()]
     summary = {
         "added": [fact_of[i] for i in sorted(wanted.keys() - parent_ids)],
         "removed": sorted(removed_rows),
@@ -320,10 +322,19 @@ def store_entry(session: Session, model: Model, entry: editor.codebook.Entry) ->
     return row
 
 
+# Bound parameters per IN list: SQLite refuses a statement with more than 32,766 (or 250,000,
+# depending on how it was built), and a codebook can hold a million entries.
+IN_CHUNK = 10_000
+
+
 def entry_rows_for(session: Session, model: Model, fact_ids: Sequence[str]) -> list[Entry]:
-    rows = {e.fact_id: e for e in session.execute(
-        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(list(fact_ids)))
-    ).scalars()}
+    """The stored entry rows of `fact_ids`, in that order (NotFound names any missing)."""
+    wanted = list(fact_ids)
+    rows: dict[str, Entry] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        rows.update((e.fact_id, e) for e in session.execute(
+            select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(wanted[start : start + IN_CHUNK]))
+        ).scalars())
     missing = [f for f in fact_ids if f not in rows]
     if missing:
         raise NotFound(f"no stored entry for fact(s) {', '.join(missing)}")

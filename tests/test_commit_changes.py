@@ -145,7 +145,8 @@ def test_commits_by_changes_record_the_same_versions_as_whole_commits_in_o_chang
             assert va.content_sha256 == content_hash(entries_at(session, whole, number))
             assert vb.content_sha256 == content_hash(entries_at(session, changes, number))
         # The rollback's content hash is its target's: the same entries.
-        assert get_version(session, changes, SIZE + 4).content_sha256 == get_version(session, changes, SIZE).content_sha256
+        rolled_back, target = get_version(session, changes, SIZE + 4), get_version(session, changes, SIZE)
+        assert rolled_back.content_sha256 == target.content_sha256
     assert twin.entry_ids == [r.entry_id for r in manifest_at_head(db, "changes")]
     # Rows loaded per change commit: a few per change (the spans closed, the entries added or
     # removed, the parent version), however large the codebook.

@@ -155,3 +155,32 @@ def test_load_model_without_the_codebook_and_for_unknown_names(tiny_db):
     assert made == []
     fresh = load_model(tiny_db, "tiny", 0, load_codebook=False)  # a fresh runtime of its own
     assert (fresh.version, fresh.runtime.version) == (0, None)
+
+
+@pytest.mark.parametrize(("code", "stop_signalled", "restarts"), [
+    (1, False, True),  # Celery stopped on its own with an error (e.g. it gave up on the broker): come back
+    (1, True, False),  # an operator's SIGTERM: stay stopped, with the code
+    (0, False, False),  # a clean stop
+])
+def test_a_worker_that_stops_with_an_error_nobody_asked_for_starts_again(tmp_path, monkeypatch, code,
+                                                                          stop_signalled, restarts):
+    import workers.process as process
+    from kb_daemon.queue import register_model
+
+    env = {"KB_HOME": str(tmp_path)}
+    db = Database(Settings.from_env(env))
+    db.upgrade()
+    with db.session() as session:
+        register_model(session, "tiny", "demo", actor="test")
+    db.dispose()
+    restarted = []
+
+    def celery_stops(app, argv):
+        app.context.restart.stop_signalled = stop_signalled
+        return code
+
+    monkeypatch.setattr(process, "run_celery", celery_stops)
+    monkeypatch.setattr(process, "restart_in_place", lambda context: restarted.append(context))
+    monkeypatch.setattr(process, "UNEXPECTED_STOP_RESTART_SECONDS", 0.0)
+    assert process.run_worker(Settings.from_env(env), "tiny") == code
+    assert bool(restarted) == restarts

@@ -11,6 +11,8 @@ import argparse
 import logging
 import os
 import sys
+import time
+from typing import Any
 
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
@@ -20,12 +22,18 @@ from kb_daemon.queue import get_model
 from workers.context import WorkerContext
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Seconds a worker that stopped without being told to (Celery gave up on its broker, say, during
+# a long database outage) waits before it runs its command line again.
+UNEXPECTED_STOP_RESTART_SECONDS = 5.0
+logger = logging.getLogger(__name__)
 
 
-def run_worker(settings: Settings, model_name: str, *, beat: bool = False, loglevel: str = "INFO") -> None:
+def run_worker(settings: Settings, model_name: str, *, beat: bool = False, loglevel: str = "INFO") -> int:
     """Run the worker of one model in the foreground (solo pool: one process, model loaded once),
-    with Celery beat embedded when `beat`. Returns when the worker has stopped, unless it restarts
-    itself in place, in which case it does not return."""
+    with Celery beat embedded when `beat`. Returns Celery's exit code when the worker has stopped,
+    unless it restarts itself in place, in which case it does not return: after its fact count,
+    or after a stop with an error that no operator asked for (a worker must outlive a database
+    or broker outage of any length)."""
     from workers.app import create_app
 
     db = Database(settings)
@@ -42,11 +50,33 @@ def run_worker(settings: Settings, model_name: str, *, beat: bool = False, logle
     if beat:
         settings.home.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    code = 1
     try:
-        app.worker_main(argv)
+        code = run_celery(app, argv)
+        if code and not context.restart.stop_signalled and context.restart.allowed:
+            logger.error("the worker stopped with exit code %d without being told to; starting again in %.0f s",
+                         code, UNEXPECTED_STOP_RESTART_SECONDS)
+            time.sleep(UNEXPECTED_STOP_RESTART_SECONDS)
+            context.restart.requested = True
     finally:
         if context.restart.restart_in_place:
             restart_in_place(context)
+    return code
+
+
+def run_celery(app: Any, argv: list[str]) -> int:
+    """`celery <argv>` with `app`, returning its exit code (`Celery.worker_main` drops it)."""
+    from celery.bin.celery import celery as command
+    from click.exceptions import Exit
+
+    command.params[0].default = app
+    try:
+        code = command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        code = exc.exit_code
+    finally:
+        command.params[0].default = None
+    return int(code or 0)
 
 
 def restart_in_place(context: WorkerContext) -> None:
@@ -92,9 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if args.command == "worker":
-            run_worker(settings, args.model, beat=args.beat, loglevel=args.loglevel)
-        else:
-            run_beat(settings, args.loglevel)
+            return run_worker(settings, args.model, beat=args.beat, loglevel=args.loglevel)
+        run_beat(settings, args.loglevel)
     except KbError as exc:
         print(f"Error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
-from kb_daemon.snapshots import codebook_of, commit_changes, commit_version, entry_rows_for, store_entry
+from kb_daemon.snapshots import IN_CHUNK, codebook_of, commit_changes, commit_version, entry_rows_for, store_entry
 
 logger = logging.getLogger(__name__)
 
@@ -380,7 +380,8 @@ def _commit_changes(session: Any, model: Model, codebook: Any, parent: Parent, c
 
     known = dict(zip(parent.fact_ids, parent.entry_ids, strict=True))
     fact_ids = codebook.fact_ids
-    known.update((row.fact_id, row.id) for row in entry_rows_for(session, model, [f for f in fact_ids if f not in known]))
+    unknown = [f for f in fact_ids if f not in known]
+    known.update((row.fact_id, row.id) for row in entry_rows_for(session, model, unknown))
     child = torch.tensor([known[f] for f in fact_ids], dtype=torch.int64)  # (N',)
     if bool((child[1:] <= child[:-1]).any()):
         return None
@@ -415,9 +416,9 @@ def _fault_pause_in_commit(session: Any, job_id: int, number: int) -> None:
 def entry_rows_for_existing(session: Any, model: Model, fact_ids: list[str]) -> list[Any]:
     from kb_daemon.models import Entry
 
-    return list(session.execute(
-        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(fact_ids))
-    ).scalars())
+    return [row for start in range(0, len(fact_ids), IN_CHUNK) for row in session.execute(
+        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(fact_ids[start : start + IN_CHUNK]))
+    ).scalars()]
 
 
 def _update_ledger(session: Any, version: Any, change: Change) -> None:

@@ -325,7 +325,8 @@ class ModelHost:
                                               base.number, others)
             if changed is not None:
                 self.blobs_read += changed.blobs_read
-                return LoadedVersion(number, changed, dict(zip(changed.codebook.fact_ids, range(len(changed.codebook)))))
+                positions = dict(zip(changed.codebook.fact_ids, range(len(changed.codebook)), strict=True))
+                return LoadedVersion(number, changed, positions)
         with self._pinned_lock:
             held = [base, *self._pinned.values()] if base is not None else list(self._pinned.values())
         if not held:
