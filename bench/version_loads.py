@@ -2,10 +2,10 @@
 
 Per size N, one SQLite database of synthetic entries shaped like the demo model's edited layer
 (Din 512, Dout 128, 3-12 answer steps: 5.9 KB of float32 tensors per entry on average) and three
-versions, recorded by `commit_version` as a worker does: version 1 holds N - 100 entries, version 2
-adds 99, version 3 (the head) one more. The entries are written in bulk (facts, entry blobs and
-entry rows inserted with one statement per table), which is what makes 100k entries affordable
-to build. The keys are random normal vectors (pairwise distances about 32) and the base radii
+versions, recorded by `commit_changes` as a worker's commit records a job's new entries: version 1
+holds N - 100 entries, version 2 adds 99, version 3 (the head) one more. The entries are written
+in bulk (facts, entry blobs and entry rows inserted 5,000 rows per statement as they are made),
+which is what makes 1M entries affordable to build. The keys are random normal vectors (pairwise distances about 32) and the base radii
 1-5, so no two balls overlap and the base radii are the effective radii stored on the spans.
 
 Measured, each a median of `--repeats` runs (the order of the operations is the same in every run):
@@ -59,7 +59,7 @@ def build(home: Path, entries: int, seed: int) -> dict[str, Any]:
     from kb_daemon.db import Database
     from kb_daemon.models import Blob, Entry, Fact
     from kb_daemon.queue import get_model, lock_model, register_model
-    from kb_daemon.snapshots import commit_version, entry_rows_for, sha256
+    from kb_daemon.snapshots import commit_changes, sha256
 
     url = f"sqlite:///{home / 'kb.sqlite3'}"
     db = Database(Settings(home=home, database_url=url, broker_url="memory://"))
@@ -73,40 +73,46 @@ def build(home: Path, entries: int, seed: int) -> dict[str, Any]:
         model.hparams = {}
     started = time.perf_counter()
     fact_ids: list[str] = []
-    radii: list[float] = []
     tensor_bytes = 0
 
-    def add_entries(session: Any, model_id: int, count: int) -> None:
+    def add_entries(session: Any, model_id: int, count: int) -> dict[int, float]:
+        """Insert `count` new entries, 5,000 rows per statement as they are made (a million entries'
+        blobs are never held at once); return {entry row id: radius}."""
         nonlocal tensor_bytes
-        facts, blobs, rows = [], [], []
-        for _ in range(count):
-            i = len(fact_ids)
-            fact_id = f"f-{i:08d}"
-            steps = rng.randint(3, 12)
-            entry = EditorEntry(fact_id, f"answer {i}", f"input-{i}", torch.randn(INPUT_SIZE, generator=generator),
-                                torch.randn(steps, OUTPUT_SIZE, generator=generator), rng.uniform(1, 5))
-            data = entry_tensors_to_bytes(entry)
-            digest = sha256(data)
-            tensor_bytes += (INPUT_SIZE + steps * OUTPUT_SIZE) * 4
-            facts.append({"id": fact_id, "model_id": model_id, "question": f"question {i}?",
-                          "answer": f"answer {i}", "source": "bench", "actor": "bench", "status": "applied"})
-            blobs.append({"sha256": digest, "kind": "entry", "size": len(data), "data": data})
-            rows.append({"model_id": model_id, "fact_id": fact_id, "blob_sha256": digest,
-                         "answer": entry.answer, "input_id": entry.input_id, "base_radius": entry.base_radius})
-            fact_ids.append(fact_id)
-            radii.append(entry.base_radius)
-        for start in range(0, count, 5000):
-            session.execute(insert(Fact), facts[start : start + 5000])
-            session.execute(insert(Blob), blobs[start : start + 5000])
-            session.execute(insert(Entry), rows[start : start + 5000])
+        added: dict[int, float] = {}
+        for chunk_start in range(0, count, 5000):
+            facts, blobs, rows = [], [], []
+            for _ in range(min(5000, count - chunk_start)):
+                i = len(fact_ids)
+                fact_id = f"f-{i:08d}"
+                steps = rng.randint(3, 12)
+                entry = EditorEntry(fact_id, f"answer {i}", f"input-{i}",
+                                    torch.randn(INPUT_SIZE, generator=generator),
+                                    torch.randn(steps, OUTPUT_SIZE, generator=generator), rng.uniform(1, 5))
+                data = entry_tensors_to_bytes(entry)
+                digest = sha256(data)
+                tensor_bytes += (INPUT_SIZE + steps * OUTPUT_SIZE) * 4
+                facts.append({"id": fact_id, "model_id": model_id, "question": f"question {i}?",
+                              "answer": f"answer {i}", "source": "bench", "actor": "bench", "status": "applied"})
+                blobs.append({"sha256": digest, "kind": "entry", "size": len(data), "data": data})
+                # Explicit row ids: entry i is row i + 1 (the table starts empty).
+                rows.append({"id": i + 1, "model_id": model_id, "fact_id": fact_id, "blob_sha256": digest,
+                             "answer": entry.answer, "input_id": entry.input_id, "base_radius": entry.base_radius})
+                fact_ids.append(fact_id)
+                added[i + 1] = entry.base_radius
+            session.execute(insert(Fact), facts)
+            session.execute(insert(Blob), blobs)
+            session.execute(insert(Entry), rows)
+        return added
 
-    for added in (entries - TAIL, TAIL - 1, 1):
-        with db.session() as session:
+    for count in (entries - TAIL, TAIL - 1, 1):
+        with db.session() as session:  # recorded as a worker's commit records a job's new entries
             model = lock_model(session, get_model(session, "bench").id)
-            add_entries(session, model.id, added)
-            commit_version(session, model, parent=model.head_version, kind="batch" if added > 1 else "edit",
-                           entries=entry_rows_for(session, model, fact_ids), radii=radii, actor="bench",
-                           source="bench", job_id=None, summary={})
+            added = add_entries(session, model.id, count)
+            version = commit_changes(session, model, parent=model.head_version, kind="batch" if count > 1 else "edit",
+                                     arriving=added, leaving=[], actor="bench", source="bench", job_id=None,
+                                     summary={})
+            assert version is not None
     return {"db": db, "home": home, "entries": entries, "head": 3, "tensor_bytes": tensor_bytes,
             "build_seconds": round(time.perf_counter() - started, 1)}
 
