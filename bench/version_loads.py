@@ -5,8 +5,9 @@ Per size N, one SQLite database of synthetic entries shaped like the demo model'
 versions, recorded by `commit_changes` as a worker's commit records a job's new entries: version 1
 holds N - 100 entries, version 2 adds 99, version 3 (the head) one more. The entries are written
 in bulk (facts, entry blobs and entry rows inserted 5,000 rows per statement as they are made),
-which is what makes 1M entries affordable to build. The keys are random normal vectors (pairwise distances about 32) and the base radii
-1-5, so no two balls overlap and the base radii are the effective radii stored on the spans.
+which is what makes 1M entries affordable to build. The keys are random normal vectors (pairwise
+distances about 32) and the base radii 1-5, so no two balls overlap and the base radii are the
+effective radii stored on the spans.
 
 Measured, each a median of `--repeats` runs (the order of the operations is the same in every run):
 
