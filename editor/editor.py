@@ -313,23 +313,22 @@ class Editor:
         """Each fact among `fact_ids` still in the codebook whose answer differs from the new
         entry's, with its radius before and after and what its own input answers now."""
         book = self.codebook
-        conflicts = []
         wanted = set(fact_ids)
         row_before = {fact_id: i for i, fact_id in enumerate(ids_before) if fact_id in wanted} if wanted else {}
-        for fact_id in dict.fromkeys(fact_ids):
-            if fact_id not in row_before or not book.has_fact(fact_id):
-                continue  # superseded by the new entry
-            index = book.index_of(fact_id)
-            if book.entry_answer(index) == entry.answer:
-                continue
-            now, _ = book.lookup(book.keys[index][None])
-            conflicts.append(Conflict(
-                fact_id, book.entry_answer(index),
-                "fires_on_new_input" if fact_id in fired_before else "overlaps",
-                float(radii_before[row_before[fact_id]]), float(book.radii[index]),
-                book.entry_answer(int(now[0])) if int(now[0]) >= 0 else None,
-            ))
-        return conflicts
+        rows = [book.index_of(fact_id) for fact_id in dict.fromkeys(fact_ids)
+                if fact_id in row_before and book.has_fact(fact_id)]  # the others were superseded by it
+        rows = [row for row in rows if book.entry_answer(row) != entry.answer]
+        if not rows:
+            return []
+        # What each one's own input answers now: one lookup for all of them (a batch of mutually
+        # overlapping facts names dozens, and each lookup reads every key).
+        now, _ = book.lookup(book.keys[rows])
+        return [Conflict(
+            book.fact_id(row), book.entry_answer(row),
+            "fires_on_new_input" if book.fact_id(row) in fired_before else "overlaps",
+            float(radii_before[row_before[book.fact_id(row)]]), float(book.radii[row]),
+            book.entry_answer(int(fired)) if int(fired) >= 0 else None,
+        ) for row, fired in zip(rows, now.tolist(), strict=True)]
 
     def _identify(self, fact: Fact) -> tuple[Query, str, str, int]:
         """The fact's query, input fingerprint, fact id and answer length in tokens (checked
