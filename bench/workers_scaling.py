@@ -96,7 +96,8 @@ def run_configuration(server_url: str, served: list[str], per_model: int, mode: 
     pool_of_facts = facts(len(MODELS) * (per_model + 1))
     daemon = PostgresDaemon(Path(tempfile.mkdtemp(prefix="kb-scaling-")), fresh_postgres_database(server_url))
     daemon.kbctl("init")
-    daemon.kbctl("model", "set", MODELS[0], "--reference-pool", pool)
+    if pool != "easy-vqa":  # `kbctl init` registers the demo model with the easy-VQA pool
+        daemon.kbctl("model", "set", MODELS[0], "--reference-pool", pool)
     daemon.kbctl("model", "add", MODELS[1], "demo", "--reference-pool", pool)
     daemon.start_workers(served, threads)
     try:
