@@ -124,6 +124,17 @@ def spans_at(model_id: int, number: int) -> tuple[Any, ...]:
             or_(EntrySpan.to_version.is_(None), EntrySpan.to_version > number))
 
 
+# Bound parameters per IN list: SQLite refuses a statement with more than 32,766 (or 250,000,
+# depending on how it was built), and a codebook can hold a million entries.
+IN_CHUNK = 10_000
+
+
+def in_chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    """`values` in slices of at most `size`, one IN list each."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 HASH_MODULUS = 1 << 256
 
 
@@ -202,8 +213,8 @@ def commit_version(
         parent_ids = {e.id for e in entries_at(session, model, parent)} if parent >= 0 else set()
     fact_of = {e.id: e.fact_id for e in entries}
     gone = sorted(parent_ids - wanted.keys())
-    removed_rows = [fact_id for start in range(0, len(gone), IN_CHUNK) for fact_id in session.execute(
-        select(Entry.fact_id).where(Entry.id.in_(gone[start : start + IN_CHUNK]))).scalars()]
+    removed_rows = [fact_id for chunk in in_chunks(gone) for fact_id in session.execute(
+        select(Entry.fact_id).where(Entry.id.in_(chunk))).scalars()]
     summary = {
         "added": [fact_of[i] for i in sorted(wanted.keys() - parent_ids)],
         "removed": sorted(removed_rows),
@@ -245,8 +256,7 @@ def commit_changes(
     number = parent + 1
     closed = 0
     leaving_ids = sorted(set(leaving))
-    for start in range(0, len(leaving_ids), 500):
-        chunk = leaving_ids[start : start + 500]
+    for chunk in in_chunks(leaving_ids):
         for span in session.execute(select(EntrySpan).where(
                 EntrySpan.model_id == model.id, EntrySpan.to_version.is_(None), EntrySpan.entry_id.in_(chunk))
         ).scalars():
@@ -261,9 +271,9 @@ def commit_changes(
     added_ids, removed_ids = sorted(arriving.keys() - set(leaving_ids)), sorted(set(leaving_ids) - arriving.keys())
     rows: dict[int, Entry] = {}
     wanted = added_ids + removed_ids
-    for start in range(0, len(wanted), 500):
+    for chunk in in_chunks(wanted):
         rows.update((e.id, e) for e in session.execute(
-            select(Entry).where(Entry.model_id == model.id, Entry.id.in_(wanted[start : start + 500]))).scalars())
+            select(Entry).where(Entry.model_id == model.id, Entry.id.in_(chunk))).scalars())
     if len(rows) != len(wanted):
         raise KbError(f"model {model.name!r}: entries {sorted(set(wanted) - rows.keys())[:5]} are not stored")
     added, removed = [rows[i] for i in added_ids], [rows[i] for i in removed_ids]
@@ -322,19 +332,13 @@ def store_entry(session: Session, model: Model, entry: editor.codebook.Entry) ->
     return row
 
 
-# Bound parameters per IN list: SQLite refuses a statement with more than 32,766 (or 250,000,
-# depending on how it was built), and a codebook can hold a million entries.
-IN_CHUNK = 10_000
-
-
 def entry_rows_for(session: Session, model: Model, fact_ids: Sequence[str]) -> list[Entry]:
     """The stored entry rows of `fact_ids`, in that order (NotFound names any missing)."""
     wanted = list(fact_ids)
     rows: dict[str, Entry] = {}
-    for start in range(0, len(wanted), IN_CHUNK):
+    for chunk in in_chunks(wanted):
         rows.update((e.fact_id, e) for e in session.execute(
-            select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(wanted[start : start + IN_CHUNK]))
-        ).scalars())
+            select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(chunk))).scalars())
     missing = [f for f in fact_ids if f not in rows]
     if missing:
         raise NotFound(f"no stored entry for fact(s) {', '.join(missing)}")
@@ -544,8 +548,7 @@ def get_blobs(session: Session, digests: Sequence[str], what: str) -> dict[str, 
     """Many blobs in one query, each checked against its SHA-256."""
     found: dict[str, bytes] = {}
     unique = list(dict.fromkeys(digests))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
+    for chunk in in_chunks(unique, 500):
         for digest, data in session.execute(select(Blob.sha256, Blob.data).where(Blob.sha256.in_(chunk))):
             data = bytes(data)
             if sha256(data) != digest:

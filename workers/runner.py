@@ -29,7 +29,7 @@ from kb_daemon.memory import trim_free_memory
 from kb_daemon.models import Fact, FactStatus, Job, JobStatus, Model, change_status, facts_in_status, utcnow
 from kb_daemon.queue import assert_lease, claim_next_job, get_model, lock_model, renew_lease, settings_for
 from kb_daemon.runtime import ModelRuntime, RuntimeFor, load_model, open_image
-from kb_daemon.snapshots import IN_CHUNK, codebook_of, commit_changes, commit_version, entry_rows_for, store_entry
+from kb_daemon.snapshots import codebook_of, commit_changes, commit_version, entry_rows_for, in_chunks, store_entry
 
 logger = logging.getLogger(__name__)
 
@@ -416,9 +416,8 @@ def _fault_pause_in_commit(session: Any, job_id: int, number: int) -> None:
 def entry_rows_for_existing(session: Any, model: Model, fact_ids: list[str]) -> list[Any]:
     from kb_daemon.models import Entry
 
-    return [row for start in range(0, len(fact_ids), IN_CHUNK) for row in session.execute(
-        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(fact_ids[start : start + IN_CHUNK]))
-    ).scalars()]
+    return [row for chunk in in_chunks(fact_ids) for row in session.execute(
+        select(Entry).where(Entry.model_id == model.id, Entry.fact_id.in_(chunk))).scalars()]
 
 
 def _update_ledger(session: Any, version: Any, change: Change) -> None:
