@@ -267,7 +267,7 @@ def run(home: Path, facts: int, *, warm_up_facts: int = 50, timeout_seconds: flo
             log(f"{line} after {time.perf_counter() - started:.0f} s")
 
         status, result, samples = wait_for_job(db, worker, ingested["job_id"], facts, home, timeout_seconds,
-                                               log=progress)
+                                               log=progress, progress_file=home / "batch-progress.json")
         batch_seconds = time.perf_counter() - started
         restarted = status == "done" and 0 < restart_setting <= 1 + warm_up_facts + facts
         restart_seconds = None
@@ -344,13 +344,20 @@ def wait_for_restart(log_file: Path, worker: subprocess.Popen, version: int, tim
 
 
 def wait_for_job(db: Any, worker: subprocess.Popen, job_id: int, facts: int, home: Path,
-                 timeout_seconds: float, *, log) -> tuple[str, dict[str, Any], list[tuple[int, int]]]:
-    """Poll a batch job until it ends: (status, result, (facts done, worker VmRSS) every ~10 s)."""
+                 timeout_seconds: float, *, log,
+                 progress_file: Path | None = None) -> tuple[str, dict[str, Any], list[tuple[int, int]]]:
+    """Poll a batch job until it ends: (status, result, (facts done, worker VmRSS) every ~10 s).
+
+    With `progress_file`, every sample is also written there with its elapsed seconds, so a run
+    that is stopped or times out still leaves its rate and memory curve behind.
+    """
     from kb_daemon.queue import get_job
 
-    deadline = time.monotonic() + timeout_seconds
+    started = time.monotonic()
+    deadline = started + timeout_seconds
     last_report = last_sample = 0.0
     samples: list[tuple[int, int]] = []
+    elapsed: list[float] = []
     while True:
         with db.session() as session:
             job = get_job(session, job_id)
@@ -364,6 +371,13 @@ def wait_for_job(db: Any, worker: subprocess.Popen, job_id: int, facts: int, hom
         if time.monotonic() - last_sample > 10:
             last_sample = time.monotonic()
             samples.append((done, memory_of(worker.pid)["VmRSS"]))
+            if progress_file is not None:
+                elapsed.append(round(last_sample - started, 1))
+                progress_file.write_text(json.dumps({
+                    "job_id": job_id, "facts": facts, "status": status,
+                    "samples": [{"seconds": t, "done": d, "rss_bytes": r}
+                                for t, (d, r) in zip(elapsed, samples, strict=True)],
+                }) + "\n")
         if time.monotonic() - last_report > 60:
             last_report = time.monotonic()
             log(f"{done}/{facts} facts")
