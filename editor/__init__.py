@@ -23,6 +23,7 @@ _EXPORTS = {
     "Editor": "editor.editor",
     "EditConfig": "editor.config",
     "Codebook": "editor.codebook",
+    "IndexSettings": "editor.ann",
     "Fact": "editor.fact",
     "Negative": "editor.fact",
     "EditReport": "editor.fact",

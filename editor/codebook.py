@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,23 @@ from editor.radius import arrive, resolve_overlaps
 from editor.serialization import pack, save_tensors, unpack
 
 logger = logging.getLogger(__name__)
+
+
+def _same_graph(a: IndexSettings, b: IndexSettings) -> bool:
+    """Whether indexes built under `a` and `b` are the same (when and how to build aside)."""
+    return dataclasses.replace(a, threshold=0, background=False) == dataclasses.replace(b, threshold=0,
+                                                                                          background=False)
+
+
+@dataclass
+class _BackgroundBuild:
+    """An index build in a thread over the first `rows` keys (see `Codebook._build_in_background`)."""
+
+    settings: IndexSettings
+    rows: int
+    thread: threading.Thread = dataclasses.field(init=False)
+    stale: bool = False  # rows moved since it began: its index cannot be caught up
+    failed: str | None = None  # why the build raised
 
 
 @dataclass(frozen=True)
@@ -105,8 +123,9 @@ class Codebook:
     (minutes at 100k entries of 2,048 floats on two cores, half an hour at 1M), which costs more
     than the scan it saves for a short-lived reader, and an entry it misses answers as the base
     model (bench/README.md). The index is this codebook's own derived data: built on the first
-    lookup that needs it (or by `build_index`), kept in step by `add` and `remove`, rebuilt when
-    missing or stale, and never handed to a copy.
+    lookup that needs it (or by `build_index`), or with `IndexSettings.background` in a thread
+    while lookups scan exactly; kept in step by `add` and `remove`, rebuilt when missing or stale,
+    and never handed to a copy.
     """
 
     keys: torch.Tensor  # (N, Din): rows 0..N-1 of _key_store
@@ -125,8 +144,11 @@ class Codebook:
         self.hparams = dict(hparams or {})
         self._index_settings: IndexSettings | None = None  # None: always the exact scan (see above)
         self._index: KeyIndex | None = None
-        self._index_lock = threading.Lock()  # one build at a time when lookups share this codebook
+        # Held by a build, by `add` and `remove`, and while a background build installs its index,
+        # so that an index never misses an entry that arrived during its build.
+        self._index_lock = threading.RLock()
         self._index_refused = False  # whether the built index failed its self-check (logged once)
+        self._build: _BackgroundBuild | None = None  # the background build under way, if any
         self._refresh(list(entries))
 
     def __repr__(self) -> str:
@@ -344,6 +366,8 @@ class Codebook:
                                    row, length))
             row += length
         self._records = records
+        if self._build is not None:  # rows may have moved: a build over the old keys cannot be caught up
+            self._build.stale = True
         self._key_store, self._value_store, self._value_rows = key_store, value_store, row
         self._token_store = token_store
         self.keys = key_store[: len(records)]  # (N, Din)
@@ -414,6 +438,10 @@ class Codebook:
 
         Returns (superseded fact ids, fact ids whose radius the new entry cut or that cut it).
         """
+        with self._index_lock:
+            return self._add(entry)
+
+    def _add(self, entry: Entry) -> tuple[list[str], list[str]]:
         if entry.key.shape != (self.spec.input_size,):
             raise IncompatibleCodebookError(
                 f"key of shape {tuple(entry.key.shape)} does not fit layer input size {self.spec.input_size}"
@@ -467,6 +495,10 @@ class Codebook:
 
     def remove(self, fact_id: str) -> None:
         """Remove a fact's entry; the radii it cut are restored by replaying the overlap rule."""
+        with self._index_lock:
+            self._remove(fact_id)
+
+    def _remove(self, fact_id: str) -> None:
         index = self.index_of(fact_id)
         entries = self.entries
         del entries[index]
@@ -544,13 +576,14 @@ class Codebook:
 
     def configure_index(self, settings: IndexSettings | None) -> None:
         """Use the index under `settings` from now on (None: always scan exactly). A built index
-        is kept when only the threshold changes."""
-        built = self._index
-        if built is not None and (settings is None
-                                  or dataclasses.replace(settings, threshold=0)
-                                  != dataclasses.replace(built.settings, threshold=0)):
-            self._index = None
-        self._index_settings = settings
+        is kept when only the threshold or the background setting changes."""
+        with self._index_lock:
+            built = self._index
+            if built is not None and (settings is None or not _same_graph(settings, built.settings)):
+                self._index = None
+            if self._build is not None and (settings is None or not _same_graph(settings, self._build.settings)):
+                self._build = None  # the thread finds itself replaced and drops what it built
+            self._index_settings = settings
 
     @property
     def index_settings(self) -> IndexSettings | None:
@@ -563,24 +596,46 @@ class Codebook:
         settings = settings or self._index_settings or IndexSettings()
         with self._index_lock:
             key_index = self._index
-            if (key_index is None or key_index.stale or key_index.settings != settings
-                    or not key_index.consistent_with(len(self), self.spec.input_size, self.spec.distance)):
+            if key_index is None or not self._index_fits(key_index, settings):
                 key_index = KeyIndex(self.keys, self.spec.distance, settings)
                 self._index = key_index
             return key_index
 
+    def _index_fits(self, key_index: KeyIndex, settings: IndexSettings) -> bool:
+        """Whether `key_index` was built under `settings` (the threshold aside), describes these
+        keys and has not lost too many of them to removals."""
+        return (not key_index.stale and _same_graph(key_index.settings, settings)
+                and key_index.consistent_with(len(self), self.spec.input_size, self.spec.distance))
+
     def drop_index(self) -> None:
-        """Free the index; the next lookup that needs it builds it again from the keys."""
-        self._index = None
+        """Free the index (a background build under way ends unused); the next lookup that needs
+        it builds it again from the keys."""
+        with self._index_lock:
+            self._index, self._build = None, None
+
+    def wait_for_index(self, timeout: float | None = None) -> KeyIndex | None:
+        """Wait for a background build under way (up to `timeout` seconds), then return the
+        index in use, if any. Starts nothing."""
+        build = self._build
+        if build is not None:
+            build.thread.join(timeout)
+        return self._index
 
     def _current_index(self) -> KeyIndex | None:
         """The index when this codebook's size calls for it, else None (and an index that is no
-        longer needed is dropped)."""
+        longer needed is dropped). With `IndexSettings.background`, a missing or unfit index is
+        built in a thread and this returns None (the exact scan) until it is in."""
         settings = self._index_settings
         if settings is None or len(self) < settings.threshold:
             self._index = None
             return None
-        key_index = self.build_index(settings)
+        if settings.background:
+            key_index = self._index
+            if key_index is None or not self._index_fits(key_index, settings):
+                self._build_in_background(settings)
+                return None
+        else:
+            key_index = self.build_index(settings)
         if key_index.self_recall < settings.min_self_recall:
             if not self._index_refused:
                 logger.warning("index over %d keys finds %.1f%% of its own keys (below %.1f%%): scanning exactly",
@@ -589,6 +644,50 @@ class Codebook:
             return None
         self._index_refused = False
         return key_index
+
+    def _build_in_background(self, settings: IndexSettings) -> None:
+        """Start a thread that builds the index over the keys as they are now, unless one is
+        running (it is caught up or discarded when it ends, and the next lookup starts another)
+        or one under these settings has failed (logged once; the codebook keeps scanning)."""
+        with self._index_lock:
+            build = self._build
+            if build is not None and (build.thread.is_alive()
+                                      or (build.failed and _same_graph(build.settings, settings))):
+                return
+            # Rows below len(self) are never written again: appends go after them, and anything
+            # that moves rows makes new stores (and marks this build stale).
+            keys = self.keys  # (N, Din)
+            build = _BackgroundBuild(settings, int(keys.shape[0]))
+            build.thread = threading.Thread(target=self._run_build, args=(build, keys), daemon=True,
+                                            name=f"index-{self.spec.model_id}")
+            self._build = build
+            build.thread.start()
+
+    def _run_build(self, build: _BackgroundBuild, keys: torch.Tensor) -> None:
+        """The background thread: build, then, under the lock, index the entries appended since
+        the build started and put the index in use, unless the codebook moved rows meanwhile or
+        its settings changed (then the index is dropped and the next lookup builds again)."""
+        started = time.perf_counter()
+        try:
+            key_index = KeyIndex(keys, self.spec.distance, build.settings)
+        except Exception as exc:  # noqa: BLE001  (the exact scan stays correct; say why once)
+            build.failed = f"{type(exc).__name__}: {exc}"
+            logger.warning("building the index over %d keys failed (%s): scanning exactly", build.rows, build.failed)
+            return
+        with self._index_lock:
+            settings = self._index_settings
+            if self._build is not build or build.stale or settings is None \
+                    or not _same_graph(settings, build.settings):
+                logger.info("index over %d keys built in %.1f s but the codebook changed meanwhile: dropped",
+                            build.rows, time.perf_counter() - started)
+                if self._build is build:
+                    self._build = None
+                return
+            for row in range(build.rows, len(self)):
+                key_index.append(self.keys[row])
+            self._index, self._build = key_index, None
+        logger.info("index over %d keys built in the background in %.1f s (%d more indexed since it began)",
+                    build.rows, time.perf_counter() - started, len(key_index) - build.rows)
 
     def _on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, norms, radii) on `device`: for cosine the norms are the keys' inverse norms

@@ -15,6 +15,7 @@ import torch
 
 from editor import commit
 from editor.adapter import CodebookAdapter, KeysCaptured, Mode, install, layer_sizes, uninstall
+from editor.ann import IndexSettings
 from editor.backbones import Backbone, Batch, Query, image_bytes
 from editor.codebook import Codebook, CodebookSpec, Entry
 from editor.config import EditConfig
@@ -118,6 +119,8 @@ class Editor:
             codebook = Codebook(self.spec, self.config.to_dict())
         self.spec.check_compatible(codebook.spec)
         self.paraphraser = paraphraser or TemplateParaphraser()
+        # Applied to every codebook `load_codebook` installs (None: each keeps its own settings).
+        self.index_settings: IndexSettings | None = None
         self.reference_pool = list(reference_pool or [])
         self._pool: _PoolIndex | None = None
         self.adapter: CodebookAdapter = install(backbone.model, self.layer, codebook)
@@ -177,8 +180,11 @@ class Editor:
             self._pool = None
 
     def load_codebook(self, codebook: Codebook) -> None:
-        """Replace the codebook (e.g. with a stored version); refuses a foreign one."""
+        """Replace the codebook (e.g. with a stored version); refuses a foreign one. With
+        `index_settings` set, the codebook looks up under them (`Codebook.configure_index`)."""
         self.spec.check_compatible(codebook.spec)
+        if self.index_settings is not None:
+            codebook.configure_index(self.index_settings)
         self.adapter.codebook = codebook
 
     # ----- queries --------------------------------------------------------------------------

@@ -58,6 +58,10 @@ class Settings:
     # Packed codebook files kept per model in $KB_HOME/cache/codebooks (derived from the database,
     # so that a start reads one file instead of a blob per entry); 0: no cache.
     codebook_cache_versions: int = 2
+    # Codebooks of at least this many entries are looked up through an approximate
+    # nearest-neighbour index (editor.ann), built in a background thread of each worker, server
+    # and `kbctl ask` process while the exact scan answers; 0: always the exact scan.
+    index_entries: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -77,7 +81,8 @@ class Settings:
                     raise InvalidInput(f"{key} must be a number of seconds, got {env[key]!r}") from exc
         for name, key, least in (("batch_checkpoint_facts", "KB_BATCH_CHECKPOINT_FACTS", 1),
                                  ("worker_restart_facts", "KB_WORKER_RESTART_FACTS", 0),
-                                 ("codebook_cache_versions", "KB_CODEBOOK_CACHE_VERSIONS", 0)):
+                                 ("codebook_cache_versions", "KB_CODEBOOK_CACHE_VERSIONS", 0),
+                                 ("index_entries", "KB_INDEX_ENTRIES", 0)):
             if env.get(key):
                 try:
                     overrides[name] = max(least, int(env[key]))

@@ -82,6 +82,8 @@ class ModelRuntime:
                                         dtype=settings.dtype)
         pool = [] if answer_only else load_reference_pool(model.reference_pool)
         self.editor = editor.Editor(backbone, layer=model.layer, reference_pool=pool, **dict(model.hparams))
+        if settings.index_entries:
+            self.editor.index_settings = editor.IndexSettings(threshold=settings.index_entries, background=True)
         self.spec = dataclasses.asdict(self.editor.spec)
         self.version: int | None = None
         # The entry row id of each codebook entry while `version` is set (None: unknown), so that a

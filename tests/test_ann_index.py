@@ -10,10 +10,12 @@ a float64 distance.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from editor.ann import IndexSettings
+from editor.ann import IndexSettings, KeyIndex
 from editor.codebook import Codebook, CodebookSpec, Entry
 from editor.errors import ConfigError
 from editor.radius import pairwise_distances
@@ -339,3 +341,97 @@ def test_index_settings_are_validated() -> None:
         IndexSettings(threshold=-1)
     with pytest.raises(ConfigError, match="min_self_recall"):
         IndexSettings(min_self_recall=1.5)
+
+
+class GatedIndex(KeyIndex):
+    """A KeyIndex whose build waits for `gate`, so that a test can change the codebook while a
+    background build is under way; counts the builds begun."""
+
+    gate = threading.Event()
+    builds = 0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        type(self).builds += 1
+        assert type(self).gate.wait(60)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> type[GatedIndex]:
+    gated_index = type("Gated", (GatedIndex,), {"gate": threading.Event(), "builds": 0})
+    monkeypatch.setattr("editor.codebook.KeyIndex", gated_index)
+    return gated_index
+
+
+BACKGROUND = IndexSettings(threshold=0, build_threads=1, background=True)
+
+
+def test_a_background_build_scans_until_its_index_is_in(gated: type[GatedIndex]) -> None:
+    book = small_book(600, BACKGROUND)
+    agree_on_own_keys(book)  # starts the build, answers by the exact scan meanwhile
+    assert book.memory_bytes()["index"] == 0 and gated.builds == 1
+    agree_on_own_keys(book)  # a build under way is not started again
+    assert gated.builds == 1
+    gated.gate.set()
+    built = book.wait_for_index(60)
+    assert built is not None and len(built) == 600 and uses_the_index(book)
+    assert book.build_index() is built  # in use as built: not rebuilt
+    agree_on_own_keys(book)
+
+
+def test_entries_added_during_a_background_build_are_indexed_when_it_ends(gated: type[GatedIndex]) -> None:
+    book = small_book(500, BACKGROUND)
+    book.lookup(book.keys[:1])  # the build begins over 500 keys and waits at the gate
+    source = synthetic_book(520, "cosine", seed=5)
+    for i in range(500, 520):
+        e = source.entry(i)
+        book.add(Entry(f"late-{i}", e.answer, f"late-input-{i}", e.key, e.values, e.base_radius * 0.5))
+    gated.gate.set()
+    built = book.wait_for_index(60)
+    assert built is not None and len(built) == len(book) == 520
+    # The late entries fire through the index's candidates, not through a scan.
+    rows = built.candidates(book.keys[500:])
+    assert all(500 + i in rows[i].tolist() for i in range(20))
+    agree_on_own_keys(book)
+
+
+def test_a_background_build_overtaken_by_a_removal_is_dropped_and_begun_again(gated: type[GatedIndex]) -> None:
+    book = small_book(500, BACKGROUND)
+    book.lookup(book.keys[:1])
+    book.remove(book.fact_ids[7])  # rows move: the index being built cannot be caught up
+    gated.gate.set()
+    assert book.wait_for_index(60) is None and gated.builds == 1
+    agree_on_own_keys(book)  # scans, and begins a new build over the 499 keys
+    built = book.wait_for_index(60)
+    assert gated.builds == 2 and built is not None and len(built) == 499
+    agree_on_own_keys(book)
+
+
+def test_a_failed_background_build_leaves_the_scan_and_is_not_retried(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    attempts = []
+
+    def failing(*args: object, **kwargs: object) -> KeyIndex:
+        attempts.append(1)
+        raise MemoryError("no room for the graph")
+
+    monkeypatch.setattr("editor.codebook.KeyIndex", failing)
+    book = small_book(300, BACKGROUND)
+    with caplog.at_level("WARNING", logger="editor.codebook"):
+        agree_on_own_keys(book)
+        assert book.wait_for_index(60) is None
+        agree_on_own_keys(book)
+        assert book.wait_for_index(60) is None
+    assert len(attempts) == 1
+    assert sum("no room for the graph" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_settings_changed_during_a_background_build_drop_its_index(gated: type[GatedIndex]) -> None:
+    book = small_book(400, BACKGROUND)
+    book.lookup(book.keys[:1])
+    book.configure_index(IndexSettings(threshold=0, build_threads=1, background=True, connectivity=8))
+    gated.gate.set()
+    assert book.wait_for_index(60) is None  # the thread's index was built under the old settings
+    book.lookup(book.keys[:1])
+    built = book.wait_for_index(60)
+    assert built is not None and built.settings.connectivity == 8

@@ -18,6 +18,7 @@ import kb_daemon.snapshots as snapshots_module
 from editor.codebook import Codebook, CodebookSpec, Entry
 from kb_daemon.config import Settings
 from kb_daemon.db import Database
+from kb_daemon.errors import InvalidInput
 from kb_daemon.queue import FactInput, get_model, lock_model, record_fact, register_model
 from kb_daemon.snapshot_cache import CodebookCache, capture, load_version
 from kb_daemon.snapshots import commit_version, entry_rows_for, get_version, manifest_at, materialise, store_entry
@@ -318,3 +319,32 @@ def test_load_model_writes_the_cache_then_reads_it_and_rebuilds_a_damaged_one(hi
     # From the version it holds, a runtime reads only the spans and blobs that differ.
     assert rolled.runtime.last_load.source == "changes" and reads[0] == 1
     assert_same(rolled.runtime.editor.codebook, database_codebook(db, HEAD_ENTRIES))
+
+
+def test_kb_index_entries_indexes_a_loaded_codebook_in_the_background(history):
+    from tiny_models import image
+
+    from editor.ann import IndexSettings
+    from kb_daemon.runtime import load_model
+
+    db, _facts = history
+    indexed = Database(Settings.from_env({"KB_HOME": str(db.settings.home), "KB_INDEX_ENTRIES": "150"}))
+    try:
+        loaded = load_model(indexed, "tiny")
+        book = loaded.runtime.editor.codebook
+        assert len(book) == HEAD_ENTRIES - 1
+        assert book.index_settings == IndexSettings(threshold=150, background=True)
+        assert book.memory_bytes()["index"] == 0  # nothing is built before a lookup needs it
+        picture = image((230, 20, 20), "square")
+        scanned = loaded.runtime.editor.answer(picture, "q 3?")  # answered by the scan; the build begins
+        built = book.wait_for_index(120)
+        assert built is not None and len(built) == len(book)
+        assert loaded.runtime.editor.answer(picture, "q 3?") == scanned
+        # A version below the threshold is scanned and holds no index.
+        small = load_model(indexed, "tiny", 100, runtime_for=lambda model: loaded.runtime)
+        small.runtime.editor.answer(picture, "q 3?")
+        assert small.runtime.editor.codebook.wait_for_index(5) is None
+    finally:
+        indexed.dispose()
+    with pytest.raises(InvalidInput, match="KB_INDEX_ENTRIES must be an integer"):
+        Settings.from_env({"KB_HOME": str(db.settings.home), "KB_INDEX_ENTRIES": "many"})

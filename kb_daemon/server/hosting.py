@@ -298,6 +298,9 @@ class ModelHost:
                 if current is not None:
                     self.swaps += 1
                     self._remember(current)  # the previous head stays available to pinned requests
+                    # Its lookup index (KB_INDEX_ENTRIES) is let go: a pinned request that needs
+                    # one begins another build, and the new head builds its own.
+                    current.loaded.codebook.drop_index()
                 logger.info("model %s: answering from version %d (%d entries, %d blobs read)", self.name,
                             head, len(loaded.loaded.codebook), loaded.loaded.blobs_read)
             self._last_error = None
