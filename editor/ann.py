@@ -25,6 +25,7 @@ Din bytes per entry plus the graph), Euclidean keys as float16 (int8 would lose 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,15 @@ class IndexSettings:
             raise ConfigError(f"rebuild_fraction must be positive, got {self.rebuild_fraction}")
 
 
+# Keys inserted per usearch call in a background build, between checks of its stop event (about a
+# second at 1M keys of 2,048 floats on two cores: the longest a stopping process waits for it).
+BUILD_CHUNK = 512
+
+
+class BuildStopped(Exception):
+    """A background build saw its stop event (the process is exiting)."""
+
+
 def _index_dtype(distance: Distance) -> str:
     return "i8" if distance == "cosine" else "f16"
 
@@ -111,7 +121,11 @@ class KeyIndex:
     (`append`, `remove_rows`) are called only by the codebook that owns it.
     """
 
-    def __init__(self, keys: torch.Tensor, distance: Distance, settings: IndexSettings) -> None:
+    def __init__(self, keys: torch.Tensor, distance: Distance, settings: IndexSettings,
+                 stop: threading.Event | None = None) -> None:
+        """Build over keys (N, Din). With `stop` (a background build), the keys go in in chunks of
+        `BUILD_CHUNK` and the build raises `BuildStopped` once `stop` is set: a process must not
+        exit while usearch is inserting (it aborts)."""
         from usearch.index import Index  # imported here: only codebooks above the threshold need it
 
         n, din = keys.shape
@@ -134,9 +148,14 @@ class KeyIndex:
         self._kth_distance = np.full(n, np.inf, dtype=np.float32)
         if n:
             vectors = _as_index_vectors(keys, distance)  # (N, Din)
-            self._index.add(self._label_of_row, vectors, threads=settings.build_threads)
+            step = n if stop is None else BUILD_CHUNK
+            for start in range(0, n, step):
+                if stop is not None and stop.is_set():
+                    raise BuildStopped(f"index build stopped after {start} of {n} keys")
+                self._index.add(self._label_of_row[start:start + step], vectors[start:start + step],
+                                threads=settings.build_threads)
             if settings.scan_wide_balls:
-                self._kth_distance = self._kth_distances(vectors, settings.build_threads)
+                self._kth_distance = self._kth_distances(vectors, settings.build_threads, stop)
         self.self_recall = self._self_recall(keys)
 
     def _self_recall(self, keys: torch.Tensor) -> float:
@@ -171,21 +190,27 @@ class KeyIndex:
         """usearch's distances (1 - cos, or squared Euclidean) in the codebook's own measure."""
         return raw if self.distance == "cosine" else np.sqrt(np.maximum(raw, 0.0))
 
-    def _kth_distances(self, vectors: np.ndarray, threads: int) -> np.ndarray:
+    def _kth_distances(self, vectors: np.ndarray, threads: int, stop: threading.Event | None) -> np.ndarray:
         """vectors (N, Din), the indexed keys in row order -> (N,) distance from each to its
         `neighbours`-th nearest other key (the first match is the key itself)."""
         k = self.settings.neighbours + 1
-        kth = np.full(vectors.shape[0], np.inf, dtype=np.float32)
-        if vectors.shape[0] < k:
+        n = vectors.shape[0]
+        kth = np.full(n, np.inf, dtype=np.float32)
+        if n < k:
             return kth
         from usearch.index import BatchMatches
 
-        matches = self._index.search(vectors, k, threads=threads)
-        distances = np.asarray(matches.distances, dtype=np.float32).reshape(vectors.shape[0], -1)  # (N, k)
-        assert isinstance(matches, BatchMatches)  # several queries give a BatchMatches
-        counts = np.asarray(matches.counts).reshape(-1)  # (N,)
-        full = counts >= k
-        kth[full] = self._distances(distances[full, k - 1])
+        step = n if stop is None else BUILD_CHUNK
+        for start in range(0, n, step):
+            if stop is not None and stop.is_set():
+                raise BuildStopped(f"index build stopped in its wide-ball search after {start} of {n} keys")
+            chunk = vectors[start:start + step]  # (C, Din)
+            matches = self._index.search(chunk, k, threads=threads)
+            assert isinstance(matches, BatchMatches) or chunk.shape[0] == 1
+            distances = np.asarray(matches.distances, dtype=np.float32).reshape(chunk.shape[0], -1)  # (C, k)
+            counts = np.asarray(getattr(matches, "counts", [distances.shape[1]])).reshape(-1)  # (C,)
+            full = counts >= k
+            kth[start:start + step][full] = self._distances(distances[full, k - 1])
         return kth
 
     def append(self, key: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ entry (fact id, normalised answer, input fingerprint); the base radii are a tens
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import sys
@@ -20,13 +21,29 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
-from editor.ann import IndexSettings, KeyIndex
+from editor.ann import BuildStopped, IndexSettings, KeyIndex
 from editor.config import Distance
 from editor.errors import EditorError, IncompatibleCodebookError
 from editor.radius import arrive, resolve_overlaps
 from editor.serialization import pack, save_tensors, unpack
 
 logger = logging.getLogger(__name__)
+
+
+# Set at interpreter exit: background builds stop at their next chunk, and exit waits for them
+# (usearch aborts the process if it exits while a thread is inside an insert).
+_STOP_BUILDS = threading.Event()
+_BUILDERS: set[threading.Thread] = set()
+_BUILDERS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_background_builds() -> None:
+    _STOP_BUILDS.set()
+    with _BUILDERS_LOCK:
+        running = list(_BUILDERS)
+    for thread in running:
+        thread.join()
 
 
 def _same_graph(a: IndexSettings, b: IndexSettings) -> bool:
@@ -658,18 +675,31 @@ class Codebook:
             # that moves rows makes new stores (and marks this build stale).
             keys = self.keys  # (N, Din)
             build = _BackgroundBuild(settings, int(keys.shape[0]))
+            if _STOP_BUILDS.is_set():  # the process is exiting
+                return
             build.thread = threading.Thread(target=self._run_build, args=(build, keys), daemon=True,
                                             name=f"index-{self.spec.model_id}")
             self._build = build
+            with _BUILDERS_LOCK:
+                _BUILDERS.add(build.thread)
             build.thread.start()
 
     def _run_build(self, build: _BackgroundBuild, keys: torch.Tensor) -> None:
         """The background thread: build, then, under the lock, index the entries appended since
         the build started and put the index in use, unless the codebook moved rows meanwhile or
         its settings changed (then the index is dropped and the next lookup builds again)."""
+        try:
+            self._build_and_install(build, keys)
+        finally:
+            with _BUILDERS_LOCK:
+                _BUILDERS.discard(threading.current_thread())
+
+    def _build_and_install(self, build: _BackgroundBuild, keys: torch.Tensor) -> None:
         started = time.perf_counter()
         try:
-            key_index = KeyIndex(keys, self.spec.distance, build.settings)
+            key_index = KeyIndex(keys, self.spec.distance, build.settings, stop=_STOP_BUILDS)
+        except BuildStopped:
+            return
         except Exception as exc:  # noqa: BLE001  (the exact scan stays correct; say why once)
             build.failed = f"{type(exc).__name__}: {exc}"
             logger.warning("building the index over %d keys failed (%s): scanning exactly", build.rows, build.failed)

@@ -435,3 +435,34 @@ def test_settings_changed_during_a_background_build_drop_its_index(gated: type[G
     book.lookup(book.keys[:1])
     built = book.wait_for_index(60)
     assert built is not None and built.settings.connectivity == 8
+
+
+EXIT_MID_BUILD = """
+import logging, sys, time
+import torch
+from editor.ann import IndexSettings
+from editor.codebook import Codebook, CodebookSpec, Entry
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+spec = CodebookSpec("m", "l", 256, 4, "cosine")
+keys = torch.randn(20000, 256, generator=torch.Generator().manual_seed(0))
+book = Codebook.with_radii(spec, {}, [Entry(f"f{i}", "a", f"i{i}", keys[i], torch.zeros(1, 4), 0.01)
+                                      for i in range(len(keys))], [0.01] * len(keys))
+book.configure_index(IndexSettings(threshold=0, build_threads=1, background=True))
+book.lookup(keys[:2])
+time.sleep(0.3)
+print("building at exit:", book.wait_for_index(0) is None, flush=True)
+"""
+
+
+def test_a_process_exits_cleanly_in_the_middle_of_a_background_build() -> None:
+    # usearch aborts the process (SIGABRT) when it exits while a thread is inside an insert; the
+    # build stops at its next chunk instead, and is not waited for to the end.
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", EXIT_MID_BUILD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "building at exit: True" in done.stdout
+    assert "built in the background" not in done.stderr
