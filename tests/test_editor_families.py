@@ -188,7 +188,7 @@ PUBLIC_NAMES = {"load_backbone": "editor.backbones", "Backbone": "editor.backbon
                 "EditConfig": "editor.config", "Codebook": "editor.codebook", "Fact": "editor.fact",
                 "Negative": "editor.fact", "EditReport": "editor.fact", "EditorError": "editor.errors",
                 "UnsupportedBackboneError": "editor.errors", "IncompatibleCodebookError": "editor.errors",
-                "InvalidFactError": "editor.errors"}
+                "InvalidFactError": "editor.errors", "IndexSettings": "editor.ann"}
 # The family each tiny model is detected as (a key of editor.backbones.FAMILIES).
 DETECTED = {"llava-llama": "llava", "llava-qwen2": "llava", "blip2-opt": "blip2", "gpt2": "gpt2", "llama": "llama"}
 
