@@ -119,8 +119,7 @@ class Editor:
             codebook = Codebook(self.spec, self.config.to_dict())
         self.spec.check_compatible(codebook.spec)
         self.paraphraser = paraphraser or TemplateParaphraser()
-        # Applied to every codebook `load_codebook` installs (None: each keeps its own settings).
-        self.index_settings: IndexSettings | None = None
+        self._index_settings: IndexSettings | None = None
         self.reference_pool = list(reference_pool or [])
         self._pool: _PoolIndex | None = None
         self.adapter: CodebookAdapter = install(backbone.model, self.layer, codebook)
@@ -179,12 +178,24 @@ class Editor:
             self.reference_pool = list(reference_pool)
             self._pool = None
 
+    @property
+    def index_settings(self) -> IndexSettings | None:
+        """Lookup index settings applied to the codebook now and to every codebook
+        `load_codebook` installs (None: each codebook keeps its own; see `Codebook.configure_index`)."""
+        return self._index_settings
+
+    @index_settings.setter
+    def index_settings(self, settings: IndexSettings | None) -> None:
+        self._index_settings = settings
+        if settings is not None:
+            self.codebook.configure_index(settings)
+
     def load_codebook(self, codebook: Codebook) -> None:
         """Replace the codebook (e.g. with a stored version); refuses a foreign one. With
         `index_settings` set, the codebook looks up under them (`Codebook.configure_index`)."""
         self.spec.check_compatible(codebook.spec)
-        if self.index_settings is not None:
-            codebook.configure_index(self.index_settings)
+        if self._index_settings is not None:
+            codebook.configure_index(self._index_settings)
         self.adapter.codebook = codebook
 
     # ----- queries --------------------------------------------------------------------------
