@@ -702,6 +702,9 @@ def ingest(state: State, source: str, sync: bool, wait: bool, timeout: float, ac
         for item in outcome.conflicts if outcome is not None else []:
             for conflict in item["conflicts"]:
                 echo(f"  {item['fact_id']} ({item['answer']!r}) {conflict_phrase(conflict)}")
+            if item["total"] > len(item["conflicts"]):
+                echo(f"  {item['fact_id']} ({item['answer']!r}) and {item['total'] - len(item['conflicts'])} "
+                     "more conflicts (not kept)")
 
     emit(as_json, result.as_dict(), lines)
     if outcome is not None and outcome.held:

@@ -126,8 +126,9 @@ class JobOutcome(Result):
     status: str
     version: int | None
     canaries: dict[str, Any] | None = None
-    # Per applied fact that collided with existing ones: {"fact_id", "answer", "conflicts"}, the
-    # conflicts as the edit report gives them (`editor.fact.Conflict`).
+    # Per applied fact that collided with existing ones: {"fact_id", "answer", "conflicts", "total"},
+    # the conflicts as the job result keeps them (`editor.fact.Conflict`, at most
+    # `workers.runner.REPORT_CONFLICTS`) and how many there were.
     conflicts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -142,7 +143,8 @@ class JobOutcome(Result):
 
     @classmethod
     def of(cls, status: str, result: dict[str, Any]) -> JobOutcome:
-        conflicts = [{"fact_id": r.get("fact_id"), "answer": r.get("answer"), "conflicts": r["conflicts"]}
+        conflicts = [{"fact_id": r.get("fact_id"), "answer": r.get("answer"), "conflicts": r["conflicts"],
+                      "total": r.get("conflicts_total", len(r["conflicts"]))}
                      for r in result.get("reports") or [] if r.get("conflicts")]
         return cls(status, result.get("version"), result.get("canaries"), conflicts)
 
@@ -367,7 +369,11 @@ def report_warnings(report: dict[str, Any] | None) -> list[str]:
         warnings.append(f"radius fallback: {report['radius_fallback']}")
     if report.get("converged") is False:
         warnings.append(f"values did not converge in {report.get('steps')} steps")
-    warnings.extend(conflict_phrase(c) for c in report.get("conflicts") or [])
+    listed = report.get("conflicts") or []
+    warnings.extend(conflict_phrase(c) for c in listed)
+    if report.get("conflicts_total", 0) > len(listed):
+        warnings.append(f"{report['conflicts_total'] - len(listed)} more conflicts not listed (the job keeps "
+                        f"{len(listed)} per fact: those that changed what an input answers first)")
     if report.get("supersede_skipped"):
         warnings.append(f"not superseded: {report['supersede_skipped']}")
     return warnings
