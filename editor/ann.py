@@ -26,6 +26,7 @@ Din bytes per entry plus the graph), Euclidean keys as float16 (int8 would lose 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,16 @@ class BuildStopped(Exception):
     """A background build saw its stop event (the process is exiting)."""
 
 
+def _slices(n: int, stop: threading.Event | None, doing: str) -> Iterator[slice]:
+    """Rows 0..n-1 as one slice, or with `stop` as slices of `BUILD_CHUNK`, raising
+    `BuildStopped` before any slice once `stop` is set."""
+    step = n if stop is None else BUILD_CHUNK
+    for start in range(0, n, step):
+        if stop is not None and stop.is_set():
+            raise BuildStopped(f"index build stopped {doing} after {start} of {n} keys")
+        yield slice(start, start + step)
+
+
 def _index_dtype(distance: Distance) -> str:
     return "i8" if distance == "cosine" else "f16"
 
@@ -148,12 +159,8 @@ class KeyIndex:
         self._kth_distance = np.full(n, np.inf, dtype=np.float32)
         if n:
             vectors = _as_index_vectors(keys, distance)  # (N, Din)
-            step = n if stop is None else BUILD_CHUNK
-            for start in range(0, n, step):
-                if stop is not None and stop.is_set():
-                    raise BuildStopped(f"index build stopped after {start} of {n} keys")
-                self._index.add(self._label_of_row[start:start + step], vectors[start:start + step],
-                                threads=settings.build_threads)
+            for rows in _slices(n, stop, "inserting"):
+                self._index.add(self._label_of_row[rows], vectors[rows], threads=settings.build_threads)
             if settings.scan_wide_balls:
                 self._kth_distance = self._kth_distances(vectors, settings.build_threads, stop)
         self.self_recall = self._self_recall(keys)
@@ -200,17 +207,15 @@ class KeyIndex:
             return kth
         from usearch.index import BatchMatches
 
-        step = n if stop is None else BUILD_CHUNK
-        for start in range(0, n, step):
-            if stop is not None and stop.is_set():
-                raise BuildStopped(f"index build stopped in its wide-ball search after {start} of {n} keys")
-            chunk = vectors[start:start + step]  # (C, Din)
+        for rows in _slices(n, stop, "in its wide-ball search"):
+            chunk = vectors[rows]  # (C, Din)
             matches = self._index.search(chunk, k, threads=threads)
+            # Several queries give a BatchMatches; a last chunk of one row, a Matches.
             assert isinstance(matches, BatchMatches) or chunk.shape[0] == 1
             distances = np.asarray(matches.distances, dtype=np.float32).reshape(chunk.shape[0], -1)  # (C, k)
             counts = np.asarray(getattr(matches, "counts", [distances.shape[1]])).reshape(-1)  # (C,)
             full = counts >= k
-            kth[start:start + step][full] = self._distances(distances[full, k - 1])
+            kth[rows][full] = self._distances(distances[full, k - 1])
         return kth
 
     def append(self, key: torch.Tensor) -> None:

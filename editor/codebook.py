@@ -671,12 +671,12 @@ class Codebook:
             if build is not None and (build.thread.is_alive()
                                       or (build.failed and _same_graph(build.settings, settings))):
                 return
+            if _STOP_BUILDS.is_set():  # the process is exiting
+                return
             # Rows below len(self) are never written again: appends go after them, and anything
             # that moves rows makes new stores (and marks this build stale).
             keys = self.keys  # (N, Din)
             build = _BackgroundBuild(settings, int(keys.shape[0]))
-            if _STOP_BUILDS.is_set():  # the process is exiting
-                return
             build.thread = threading.Thread(target=self._run_build, args=(build, keys), daemon=True,
                                             name=f"index-{self.spec.model_id}")
             self._build = build
